@@ -1,0 +1,136 @@
+"""Alert identity and the raise / update / resolve decision (SPEC section 5).
+
+Each rule is ``ok`` or ``breached``. An *episode* starts when the rule becomes breached
+(``raised``), gains new evidence while breached (``updated``) and ends when corrections
+make it ok again (``resolved``). The alert id ``trial/rule/episode`` is stable: the
+ledger entry that numbers episodes is part of the durable state, so no restart,
+rebalance or replay numbers the same episode twice, and downstream (e-mail) dedups on
+``(alert id, transition, sequence)``.
+
+`decide` is the whole policy: a pure function of the ledger entry and the rule's
+result now.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import msgspec
+
+from .kinds import EvidenceItem, RuleResult
+
+RAISED, UPDATED, RESOLVED = "raised", "updated", "resolved"
+
+
+class Episode(msgspec.Struct, array_like=True):
+    """When an episode was raised and resolved, on the causing events' ``recorded_at``."""
+
+    number: int
+    raised_at: dt.datetime
+    resolved_at: dt.datetime | None = None
+
+
+class LedgerEntry(msgspec.Struct):
+    """What the engine remembers of one rule's alerts. Small: episodes, not evidence
+    history; the last evidence keys are kept to tell an update from a repeat."""
+
+    rule_id: str
+    severity: str
+    episodes: list[Episode] = []
+    breached: bool = False
+    value: float = 0
+    evidence: tuple[str, ...] = ()
+    sequence: int = 0  # transitions so far in the open episode
+
+    @property
+    def episode(self) -> int:
+        return self.episodes[-1].number if self.episodes else 0
+
+
+class AlertTransition(msgspec.Struct, frozen=True, kw_only=True):
+    """One alert transition: the typed decision that e-mail, metrics and topics carry."""
+
+    id: str
+    trial_id: str
+    rule_id: str
+    kind: str
+    severity: str
+    episode: int
+    sequence: int
+    transition: str
+    event_id: str
+    recorded_at: dt.datetime
+    value: float
+    threshold: float
+    evidence: tuple[dict, ...] = ()
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    detail: dict = {}
+
+    @property
+    def key(self) -> str:
+        """Unique per transition: the dedup key of the notification log."""
+        return f"{self.id}#{self.sequence}"
+
+    def to_json(self) -> dict:
+        out = msgspec.to_builtins(self)
+        out["key"] = self.key
+        return out
+
+
+def alert_id(trial_id: str, rule_id: str, episode: int) -> str:
+    return f"{trial_id}/{rule_id}/{episode}"
+
+
+def decide(entry: LedgerEntry, result: RuleResult) -> str | None:
+    """raised / updated / resolved, or None when nothing an alert reader cares about
+    changed."""
+    if result.breached and not entry.breached:
+        return RAISED
+    if not result.breached and entry.breached:
+        return RESOLVED
+    if result.breached and (result.evidence_keys != entry.evidence or
+                            result.value != entry.value):
+        return UPDATED
+    return None
+
+
+def record(entry: LedgerEntry, result: RuleResult, transition: str | None,
+           recorded_at: dt.datetime) -> None:
+    """Write the decision into the ledger entry (the engine owns the entry)."""
+    if transition == RAISED:
+        entry.episodes.append(Episode(entry.episode + 1, recorded_at))
+        entry.sequence = 0
+    elif transition == RESOLVED:
+        entry.episodes[-1].resolved_at = recorded_at
+    if transition is not None:
+        entry.sequence += 1
+    entry.breached = result.breached
+    entry.value = result.value
+    entry.evidence = result.evidence_keys if result.breached else ()
+
+
+def transition_of(trial_id: str, rule, entry: LedgerEntry, before: tuple[str, ...],  # noqa: ANN001
+                  result: RuleResult, transition: str, event_id: str,
+                  recorded_at: dt.datetime) -> AlertTransition:
+    """The alert message for a decision already recorded in ``entry``."""
+    now = set(result.evidence_keys)
+    return AlertTransition(
+        id=alert_id(trial_id, rule.id, entry.episode), trial_id=trial_id, rule_id=rule.id,
+        kind=rule.kind, severity=rule.severity, episode=entry.episode,
+        sequence=entry.sequence, transition=transition, event_id=event_id,
+        recorded_at=recorded_at, value=result.value, threshold=result.threshold,
+        evidence=tuple(_evidence(i) for i in result.evidence),
+        added=tuple(k for k in result.evidence_keys if k not in set(before)),
+        removed=tuple(k for k in before if k not in now), detail=result.detail)
+
+
+def _evidence(item: EvidenceItem) -> dict:
+    return item.as_dict()
+
+
+def halt_periods(ledger: dict[str, LedgerEntry],
+                 exclude: str) -> list[tuple[dt.datetime, dt.datetime | None]]:
+    """Every halt episode of the trial's other rules, as (raised_at, resolved_at)."""
+    return [(e.raised_at, e.resolved_at) for entry in ledger.values()
+            if entry.severity == "halt" and entry.rule_id != exclude for e in entry.episodes]

@@ -1,0 +1,296 @@
+"""The event contract (SPEC section 3): one definition, typed, strict.
+
+`parse_event(raw)` turns the bytes of one Kafka message or one log line into an
+`Event` or a `Rejection` whose reason a person can act on, e.g.
+``adverse_event.grade: 7 is not a CTCAE grade (1-5)``. Nothing here raises for bad
+input: a rejection is a value, so the caller can dead-letter it and carry on.
+
+The models are msgspec Structs (a tagged union on ``type``): decoding and validating
+with msgspec runs at about the speed of a bare ``orjson.loads``, three to four times
+pydantic v2's, and replay's throughput is mostly decoding. Unknown extra fields are
+accepted and ignored; the raw bytes stay in the log or the topic.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from typing import Annotated, Literal
+
+import msgspec
+import orjson
+
+NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
+Grade = Annotated[int, msgspec.Meta(ge=1, le=5)]
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+
+EVENT_TYPES = ("infusion", "adverse_event", "subject_status", "regulatory_report", "lab_result")
+RELATEDNESS = ("not_related", "unlikely", "possible", "probable", "definite")
+RELATED = frozenset({"possible", "probable", "definite"})
+SERIOUS_CRITERIA = (
+    "death", "life_threatening", "hospitalization", "disability", "congenital_anomaly",
+    "important_medical_event",
+)
+OUTCOMES = (
+    "recovered", "recovering", "not_recovered", "recovered_with_sequelae", "fatal", "unknown",
+)
+STATUSES = ("enrolled", "withdrawn", "lost_to_follow_up", "completed", "died")
+
+Relatedness = Literal["not_related", "unlikely", "possible", "probable", "definite"]
+SeriousCriterion = Literal[
+    "death", "life_threatening", "hospitalization", "disability", "congenital_anomaly",
+    "important_medical_event",
+]
+Outcome = Literal[
+    "recovered", "recovering", "not_recovered", "recovered_with_sequelae", "fatal", "unknown",
+]
+Status = Literal["enrolled", "withdrawn", "lost_to_follow_up", "completed", "died"]
+
+_PARTIAL_DATE = re.compile(r"(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?(?:T[\d:.]+(?:Z|[+-]\d{2}:?\d{2})?)?")
+_GAP = re.compile(r"\d{4}-*-{2,}")
+
+
+class BadValue(ValueError):
+    """A value that decoded but means nothing; the message names the field."""
+
+
+def _aware(field: str, value: dt.datetime) -> None:
+    if value.tzinfo is None:
+        raise BadValue(f"{field}: '{value.isoformat()}' has no UTC offset; "
+                       f"write it as {value.isoformat()}+00:00 or with the site's offset")
+
+
+def parse_day(field: str, text: str) -> dt.date:
+    """A full ISO 8601 date, or the calendar date of a date-time as written."""
+    try:
+        return dt.date.fromisoformat(text[:10]) if len(text) >= 10 else _no_day(field, text)
+    except ValueError:
+        raise BadValue(f"{field}: '{text}' is not an ISO 8601 date (YYYY-MM-DD)") from None
+
+
+def _no_day(field: str, text: str) -> dt.date:
+    raise BadValue(f"{field}: '{text}' is not an ISO 8601 date (YYYY-MM-DD)")
+
+
+def partial_date_range(field: str, text: str) -> tuple[dt.date, dt.date, str]:
+    """(earliest, latest, precision) that a possibly partial ISO 8601 date allows.
+
+    ``2021`` -> (2021-01-01, 2021-12-31, "year"); ``2021-03`` -> (2021-03-01,
+    2021-03-31, "month"); ``2021-03-05`` -> (that day, that day, "day"). A date with an
+    interior gap (``2019---07``, unknown month but known day) is rejected.
+    """
+    if _GAP.match(text):
+        raise BadValue(f"{field}: '{text}' has a gap inside the date (a known part after an "
+                       "unknown one); give YYYY, YYYY-MM or YYYY-MM-DD")
+    m = _PARTIAL_DATE.fullmatch(text)
+    if m is None:
+        raise BadValue(f"{field}: '{text}' is not an ISO 8601 date (YYYY, YYYY-MM or YYYY-MM-DD)")
+    year, month, day = m.groups()
+    try:
+        if day is not None:
+            exact = dt.date(int(year), int(month), int(day))
+            return exact, exact, "day"
+        if month is not None:
+            first = dt.date(int(year), int(month), 1)
+            return first, _month_end(first), "month"
+        return dt.date(int(year), 1, 1), dt.date(int(year), 12, 31), "year"
+    except ValueError:
+        raise BadValue(f"{field}: '{text}' is not a calendar date") from None
+
+
+def _month_end(first: dt.date) -> dt.date:
+    nxt = dt.date(first.year + first.month // 12, first.month % 12 + 1, 1)
+    return nxt - dt.timedelta(days=1)
+
+
+class BaseEvent(msgspec.Struct, kw_only=True, tag_field="type", gc=False):
+    trial_id: NonEmpty
+    subject_id: NonEmpty
+    event_id: NonEmpty
+    recorded_at: dt.datetime
+
+    def __post_init__(self) -> None:
+        _aware("recorded_at", self.recorded_at)
+
+
+class Infusion(BaseEvent, tag="infusion"):
+    infused_at: str
+    dose_number: Positive
+    cells_per_kg: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    infused_on: dt.date | None = None  # derived: the calendar date of infused_at
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.infused_on = parse_day("infused_at", self.infused_at)
+
+
+class AdverseEvent(BaseEvent, tag="adverse_event"):
+    ae_id: NonEmpty
+    version: Positive
+    term: NonEmpty
+    onset: str
+    grade: Grade
+    serious: bool
+    meddra_pt: str | None = None
+    meddra_soc: str | None = None
+    resolved: dt.date | None = None
+    serious_criteria: tuple[SeriousCriterion, ...] = ()
+    relatedness: Relatedness | None = None
+    expected: bool | None = None
+    outcome: Outcome | None = None
+    retracted: bool = False
+    # derived from onset; always recomputed, whatever the input says
+    onset_earliest: dt.date | None = None
+    onset_latest: dt.date | None = None
+    onset_precision: str = "day"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        lo, hi, precision = partial_date_range("onset", self.onset)
+        self.onset_earliest, self.onset_latest, self.onset_precision = lo, hi, precision
+        reported = self.recorded_at.date()
+        if lo > reported:
+            raise BadValue(f"onset: '{self.onset}' is after recorded_at "
+                           f"({reported.isoformat()}); an AE cannot start after it was reported")
+
+    @property
+    def related(self) -> bool:
+        """Possible, probable or definite; not yet assessed counts as related."""
+        return self.relatedness is None or self.relatedness in RELATED
+
+    @property
+    def fatal(self) -> bool:
+        return self.grade == 5 or self.outcome == "fatal" or "death" in self.serious_criteria
+
+
+class SubjectStatus(BaseEvent, tag="subject_status"):
+    status: Status
+    effective_on: dt.date
+
+
+class RegulatoryReport(BaseEvent, tag="regulatory_report"):
+    ae_id: NonEmpty
+    submitted_at: dt.datetime
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _aware("submitted_at", self.submitted_at)
+
+
+class LabResult(BaseEvent, tag="lab_result"):
+    test: NonEmpty
+    value: float
+    unit: str
+    collected_at: str
+    uln: float | None = None
+    lln: float | None = None
+    dialysis: bool | None = None
+    collected_on: dt.date | None = None  # derived
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.collected_on = parse_day("collected_at", self.collected_at)
+
+
+Event = Infusion | AdverseEvent | SubjectStatus | RegulatoryReport | LabResult
+
+_decoder = msgspec.json.Decoder(Event)
+
+
+class Rejection(msgspec.Struct, frozen=True, kw_only=True):
+    """A message that is not an event, with a one-line reason a person can act on."""
+
+    reason: str
+    event_id: str | None = None
+    trial_id: str | None = None
+    type: str | None = None
+
+
+def parse_event(raw: bytes | str) -> Event | Rejection:
+    """Decode and validate one message. Never raises for bad input."""
+    try:
+        return _decoder.decode(raw)
+    except msgspec.DecodeError as exc:
+        return _explain(raw, exc)
+
+
+# --- the slow path: say what is wrong in a person's words --------------------------
+
+_AT = re.compile(r"^(?P<what>.*?)(?: - at `\$(?P<path>[^`]*)`)?$")
+
+
+def _explain(raw: bytes | str, exc: msgspec.DecodeError) -> Rejection:
+    if not raw.strip():
+        return Rejection(reason="empty message; each line must be one JSON object")
+    if not isinstance(exc, msgspec.ValidationError):
+        detail = str(exc).removeprefix("JSON is malformed: ")
+        return Rejection(reason=f"not JSON ({detail}); each line must be one JSON object")
+    doc = _loose(raw)
+    if not isinstance(doc, dict):
+        kind = type(doc).__name__ if doc is not None else "null"
+        return Rejection(reason=f"not a JSON object (got {_json_kind(kind)}); "
+                                "each message must be one event object")
+    etype = doc.get("type")
+    m = _AT.match(str(exc))
+    what, path = m.group("what"), (m.group("path") or "").lstrip(".")
+    field = path.split("[")[0].split(".")[0] if path else ""
+    reason = _reason(etype, field, doc.get(field), what)
+    return Rejection(reason=reason, event_id=_str_or_none(doc.get("event_id")),
+                     trial_id=_str_or_none(doc.get("trial_id")),
+                     type=etype if etype in EVENT_TYPES else None)
+
+
+def _loose(raw: bytes | str) -> object:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _json_kind(pytype: str) -> str:
+    return {"list": "array", "str": "string", "int": "number", "float": "number",
+            "bool": "boolean"}.get(pytype, pytype)
+
+
+def _str_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _reason(etype: object, field: str, value: object, what: str) -> str:
+    if etype not in EVENT_TYPES:
+        shown = "missing" if etype is None else f"{etype!r} is not an event type"
+        return f"type: {shown}; expected one of {', '.join(EVENT_TYPES)}"
+    if not field:
+        missing = re.search(r"missing required field `([^`]+)`", what)
+        if missing:
+            return f"{etype}.{missing.group(1)}: missing (required for {etype})"
+        return f"{etype}.{what}"  # our own BadValue messages start with the field
+    return f"{etype}.{field}: {_field_message(field, value, what)}"
+
+
+_ENUMS = {
+    "relatedness": RELATEDNESS, "serious_criteria": SERIOUS_CRITERIA, "outcome": OUTCOMES,
+    "status": STATUSES,
+}
+
+
+def _field_message(field: str, value: object, what: str) -> str:
+    if field == "grade" and isinstance(value, int) and not isinstance(value, bool):
+        return f"{value} is not a CTCAE grade (1-5)"
+    if field in ("version", "dose_number") and isinstance(value, int):
+        return f"{value} is not allowed; {field} counts from 1"
+    if field in _ENUMS and "enum" in what:
+        bad = re.search(r"'(.*)'", what)
+        shown = bad.group(1) if bad else value
+        return f"{shown!r} is not one of {', '.join(_ENUMS[field])}"
+    if "RFC3339 encoded date" in what and "datetime" not in what:
+        return f"{value!r} is not an ISO 8601 date (YYYY-MM-DD)"
+    if "RFC3339" in what:
+        return (f"{value!r} is not an ISO 8601 date-time with offset "
+                "(e.g. 2021-03-01T09:30:00+00:00)")
+    if "Invalid date" in what or "ISO 8601 date" in what:
+        return f"{value!r} is not an ISO 8601 date (YYYY-MM-DD)"
+    if "length >= 1" in what:
+        return "must not be empty"
+    what = what.replace("`", "")
+    return what[0].lower() + what[1:] if what else "invalid"

@@ -1,0 +1,271 @@
+"""Per-trial state and the step function: ``step(trial, event) -> (trial, changes)``.
+
+The durable part of a trial's state is plain values, split so that what one event
+changes does not grow with the trial's history:
+
+* one `Subject` record per subject (its infusions, statuses, the winning message of each
+  AE version, regulatory reports, labs and the event ids it has seen);
+* one `LedgerEntry` per rule (alert episodes) and the trial's event counters.
+
+Everything else (`TrialState.trackers`, the infusion cache) is derived and rebuilt by
+`rebuild` after a restart. For speed, ``step`` updates the trial in place and returns
+it; it does no I/O and reads no clock, so the same events give the same state and the
+same alerts, in the worker and in replay.
+
+Arrival order does not change the final state: the current version of an AE is the
+highest version number, and two messages with the same version are settled by the
+later ``recorded_at``, then the greater ``event_id``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+
+import msgspec
+
+from . import alerts
+from .events import (
+    AdverseEvent,
+    Event,
+    Infusion,
+    LabResult,
+    RegulatoryReport,
+    SubjectStatus,
+)
+from .kinds import DosingWhileHalted, EvidenceItem, Rule
+from .rules import TrialRules
+from .window import Placement, WindowLength, place_onset
+
+ACCEPTED, DUPLICATE = "accepted", "duplicate"
+
+
+class AeHistory(msgspec.Struct, array_like=True, gc=False):
+    """The winning message of each version number of one AE, and how many messages lost
+    a tie on their version (conflicts)."""
+
+    versions: dict[int, AdverseEvent]
+    conflicts: int = 0
+
+    @property
+    def current(self) -> AdverseEvent:
+        return self.versions[max(self.versions)]
+
+
+class Subject(msgspec.Struct):
+    subject_id: str
+    infusions: list[Infusion] = []
+    statuses: list[SubjectStatus] = []
+    aes: dict[str, AeHistory] = {}
+    reports: dict[str, RegulatoryReport] = {}
+    labs: list[LabResult] = []
+    seen: set[str] = set()
+
+    @property
+    def first_infusion(self) -> dt.date | None:
+        return min((i.infused_on for i in self.infusions), default=None)
+
+
+class Counts(msgspec.Struct):
+    """Events of one trial by outcome and type, and when the latest was recorded."""
+
+    accepted: dict[str, int] = {}
+    duplicates: dict[str, int] = {}
+    last_recorded_at: dt.datetime | None = None
+
+
+@dataclass(slots=True)
+class Changes:
+    """What one step did: its outcome, the subject it touched, and alert transitions."""
+
+    outcome: str
+    subject_id: str
+    alerts: list[alerts.AlertTransition] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class TrialState:
+    trial_id: str
+    rules: TrialRules | None = None
+    subjects: dict[str, Subject] = field(default_factory=dict)
+    ledger: dict[str, alerts.LedgerEntry] = field(default_factory=dict)
+    counts: Counts = field(default_factory=Counts)
+    # derived, rebuilt by `rebuild`:
+    trackers: dict[str, object] = field(default_factory=dict)
+    infusion_days: dict[str, list[dt.date]] = field(default_factory=dict)
+
+    @property
+    def window(self) -> WindowLength:
+        return self.rules.window.length if self.rules else WindowLength()
+
+    def placement(self, subject_id: str, ae: AdverseEvent) -> Placement:
+        days = self.infusion_days.get(subject_id)
+        first = days[0] if days else None
+        last = self.window.last_day(first) if first else None
+        return place_onset(ae.onset_earliest, ae.onset_latest, first, last)
+
+
+def new_trial(trial_id: str, rules: TrialRules | None) -> TrialState:
+    trial = TrialState(trial_id, rules)
+    return rebuild(trial)
+
+
+def rebuild(trial: TrialState) -> TrialState:
+    """Derive the trackers and caches from the durable state (after load or restart)."""
+    rules = trial.rules.rules if trial.rules else ()
+    for rule in rules:
+        trial.ledger.setdefault(rule.id, alerts.LedgerEntry(rule.id, rule.severity))
+    trial.trackers = {rule.id: rule.tracker() for rule in rules}
+    trial.infusion_days = {}
+    for subject in trial.subjects.values():
+        _cache_infusions(trial, subject)
+        _track_subject(trial, subject)
+    _track_halts(trial)
+    return trial
+
+
+def step(trial: TrialState, event: Event) -> tuple[TrialState, Changes]:
+    """Apply one valid event of this trial; return the trial and what changed."""
+    subject = trial.subjects.get(event.subject_id)
+    if subject is None:
+        subject = trial.subjects[event.subject_id] = Subject(event.subject_id)
+    counts = trial.counts
+    etype = type(event).__struct_config__.tag
+    if event.event_id in subject.seen:
+        counts.duplicates[etype] = counts.duplicates.get(etype, 0) + 1
+        return trial, Changes(DUPLICATE, subject.subject_id)
+    subject.seen.add(event.event_id)
+    counts.accepted[etype] = counts.accepted.get(etype, 0) + 1
+    if counts.last_recorded_at is None or event.recorded_at > counts.last_recorded_at:
+        counts.last_recorded_at = event.recorded_at
+    dirty = _APPLY[type(event)](trial, subject, event)
+    return trial, Changes(ACCEPTED, subject.subject_id, _evaluate(trial, dirty, event))
+
+
+def _apply_ae(trial: TrialState, subject: Subject, ae: AdverseEvent) -> list[Rule]:
+    history = subject.aes.get(ae.ae_id)
+    if history is None:
+        subject.aes[ae.ae_id] = AeHistory({ae.version: ae})
+    else:
+        before = history.current
+        rival = history.versions.get(ae.version)
+        if rival is None or _wins(ae, rival):
+            history.versions[ae.version] = ae
+        history.conflicts += rival is not None
+        if history.current is before:
+            return []
+    return _track_ae(trial, subject.subject_id, ae if history is None else history.current)
+
+
+def _wins(ae: AdverseEvent, rival: AdverseEvent) -> bool:
+    return (ae.recorded_at, ae.event_id) > (rival.recorded_at, rival.event_id)
+
+
+def _apply_infusion(trial: TrialState, subject: Subject, infusion: Infusion) -> list[Rule]:
+    subject.infusions.append(infusion)
+    _cache_infusions(trial, subject)
+    dirty = _track_subject(trial, subject)
+    return dirty + _track_halts(trial)
+
+
+def _apply_status(trial: TrialState, subject: Subject, status: SubjectStatus) -> list[Rule]:
+    subject.statuses.append(status)
+    return []
+
+
+def _apply_report(trial: TrialState, subject: Subject, report: RegulatoryReport) -> list[Rule]:
+    known = subject.reports.get(report.ae_id)
+    if known is None or report.submitted_at < known.submitted_at:
+        subject.reports[report.ae_id] = report
+    return []
+
+
+def _apply_lab(trial: TrialState, subject: Subject, lab: LabResult) -> list[Rule]:
+    subject.labs.append(lab)
+    return []
+
+
+_APPLY = {AdverseEvent: _apply_ae, Infusion: _apply_infusion, SubjectStatus: _apply_status,
+          RegulatoryReport: _apply_report, LabResult: _apply_lab}
+
+
+def _cache_infusions(trial: TrialState, subject: Subject) -> None:
+    if subject.infusions:
+        trial.infusion_days[subject.subject_id] = sorted(i.infused_on for i in subject.infusions)
+
+
+def _ae_rules(trial: TrialState) -> list[Rule]:
+    return [r for r in trial.rules.rules if r.watches_adverse_events] if trial.rules else []
+
+
+def _track_ae(trial: TrialState, subject_id: str, ae: AdverseEvent) -> list[Rule]:
+    """Give the AE's current version to every rule that looks at AEs."""
+    if trial.rules is None:
+        return []
+    placement = trial.placement(subject_id, ae)
+    days = trial.infusion_days.get(subject_id, ())
+    trackers, dirty = trial.trackers, []
+    for rule in trial.rules.rules:
+        if rule.watches_adverse_events and trackers[rule.id].set(
+                subject_id, ae.ae_id, rule.evidence_for(subject_id, ae, placement, days)):
+            dirty.append(rule)
+    return dirty
+
+
+def _track_subject(trial: TrialState, subject: Subject) -> list[Rule]:
+    dirty: dict[str, Rule] = {}
+    for history in subject.aes.values():
+        for rule in _track_ae(trial, subject.subject_id, history.current):
+            dirty[rule.id] = rule
+    return list(dirty.values())
+
+
+def _track_halts(trial: TrialState) -> list[Rule]:
+    """Re-derive the rules that watch halts from every infusion and the halt episodes."""
+    dirty = []
+    rules = trial.rules.rules if trial.rules else ()
+    for rule in (r for r in rules if r.watches_halts):
+        periods = alerts.halt_periods(trial.ledger, exclude=rule.id)
+        tracker, changed = trial.trackers[rule.id], False
+        for subject in trial.subjects.values():
+            for infusion in subject.infusions:
+                item = _dosing_item(subject.subject_id, infusion) \
+                    if DosingWhileHalted.during_halt(infusion.recorded_at, periods) else None
+                changed |= tracker.set(subject.subject_id, infusion.event_id, item)
+        if changed:
+            dirty.append(rule)
+    return dirty
+
+
+def _dosing_item(subject_id: str, infusion: Infusion) -> EvidenceItem:
+    return EvidenceItem(subject_id, infusion.event_id, f"infusion dose {infusion.dose_number}",
+                        None, None, None, None, infusion.infused_on, None)
+
+
+def _evaluate(trial: TrialState, dirty: list[Rule], event: Event) -> list[alerts.AlertTransition]:
+    out: list[alerts.AlertTransition] = []
+    if len(dirty) > 1:
+        order = [r.id for r in trial.rules.rules]
+        dirty = sorted({r.id: r for r in dirty}.values(), key=lambda r: order.index(r.id))
+    halted = _decide(trial, dirty, event, out)
+    if halted:
+        _decide(trial, _track_halts(trial), event, out)
+    return out
+
+
+def _decide(trial: TrialState, dirty: list[Rule], event: Event,
+            out: list[alerts.AlertTransition]) -> bool:
+    halt_changed = False
+    for rule in dirty:
+        entry = trial.ledger[rule.id]
+        result = trial.trackers[rule.id].result()
+        transition = alerts.decide(entry, result)
+        if transition is None:
+            alerts.record(entry, result, None, event.recorded_at)
+            continue
+        before = entry.evidence
+        alerts.record(entry, result, transition, event.recorded_at)
+        out.append(alerts.transition_of(trial.trial_id, rule, entry, before, result,
+                                        transition, event.event_id, event.recorded_at))
+        halt_changed |= rule.severity == "halt" and transition != alerts.UPDATED
+    return halt_changed

@@ -1,0 +1,140 @@
+"""``replay``: any event log through the same engine as the stream (SPEC section 7).
+
+Reads JSON lines (gzip or plain, ``-`` for stdin), applies every valid event recorded
+at or before the as-of instant in log order, and reports what the sponsor knew then.
+Never imports faust; sends no e-mail unless the caller passes an alert handler.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import gzip
+import io
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from .engine.alerts import AlertTransition
+from .engine.events import Rejection, parse_event
+from .engine.rules import TrialRules
+from .engine.state import DUPLICATE
+from .engine.trials import Trials
+
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+class LogUnreadable(Exception):
+    """The log cannot be read (missing, unreadable, corrupt gzip): exit status 1."""
+
+
+@dataclass
+class ReplayResult:
+    trials: Trials
+    as_of: dt.datetime | None
+    read: int = 0
+    accepted: int = 0
+    duplicates: int = 0
+    after_as_of: int = 0
+    alerts: list[AlertTransition] = field(default_factory=list)
+    alert_lines: list[int] = field(default_factory=list)
+    rejected: list[dict] = field(default_factory=list)
+
+    @property
+    def effective_as_of(self) -> dt.datetime:
+        return self.as_of or self.trials.last_recorded_at() or dt.datetime(1970, 1, 1,
+                                                                          tzinfo=dt.UTC)
+
+    def to_json(self) -> dict:
+        as_of = self.effective_as_of
+        return {
+            "as_of": as_of.isoformat(),
+            "events": {"read": self.read, "accepted": self.accepted,
+                       "duplicates": self.duplicates, "rejected": len(self.rejected),
+                       "after_as_of": self.after_as_of},
+            "trials": self.trials.report(as_of),
+            "alerts": [alert_json(a, line) for a, line in zip(self.alerts, self.alert_lines,
+                                                               strict=True)],
+            "rejected": self.rejected,
+        }
+
+
+def alert_json(alert: AlertTransition, line: int | None = None) -> dict:
+    out = alert.to_json()
+    out["recorded_at"] = alert.recorded_at.isoformat()
+    if line is not None:
+        out["line"] = line
+    return out
+
+
+def replay(lines: Iterable[bytes], catalog: dict[str, TrialRules],
+           as_of: dt.datetime | None = None,
+           on_alert: Callable[[AlertTransition], None] | None = None) -> ReplayResult:
+    """Run a log through the engine. ``lines`` are raw lines, numbered from 1."""
+    result = ReplayResult(Trials(catalog), as_of)
+    apply = result.trials.apply
+    for number, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue  # a blank line holds no message
+        result.read += 1
+        event = parse_event(raw)
+        if type(event) is Rejection:
+            result.rejected.append(rejection_json(number, raw, event))
+        elif as_of is not None and event.recorded_at > as_of:
+            result.after_as_of += 1
+        else:
+            changes = apply(event)
+            if changes.outcome == DUPLICATE:
+                result.duplicates += 1
+                continue
+            result.accepted += 1
+            for alert in changes.alerts:
+                result.alerts.append(alert)
+                result.alert_lines.append(number)
+                if on_alert is not None:
+                    on_alert(alert)
+    return result
+
+
+def rejection_json(number: int, raw: bytes, rejection: Rejection) -> dict:
+    out = {"line": number, "reason": rejection.reason}
+    if rejection.event_id is not None:
+        out["event_id"] = rejection.event_id
+    if rejection.trial_id is not None:
+        out["trial_id"] = rejection.trial_id
+    out["raw"] = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+    return out
+
+
+def open_log(path: str) -> tuple[BinaryIO, BinaryIO, int | None]:
+    """(lines stream, underlying file for progress, its size) for a path or ``-``."""
+    try:
+        raw: BinaryIO = sys.stdin.buffer if path == "-" else open(path, "rb")  # noqa: SIM115
+    except OSError as exc:
+        raise LogUnreadable(f"{path}: cannot open the log: {exc.strerror or exc}") from None
+    size = None if path == "-" else Path(path).stat().st_size
+    peek = raw.peek(2)[:2] if hasattr(raw, "peek") else b""
+    stream = gzip.GzipFile(fileobj=raw) if peek == GZIP_MAGIC else raw
+    return stream, raw, size
+
+
+def read_lines(stream: BinaryIO, source: str) -> Iterator[bytes]:
+    """The log's lines; a read error (corrupt gzip, I/O) becomes `LogUnreadable`."""
+    try:
+        yield from stream
+    except (OSError, EOFError, gzip.BadGzipFile, io.UnsupportedOperation) as exc:
+        raise LogUnreadable(f"{source}: the log cannot be read to the end: {exc}") from None
+
+
+def parse_as_of(text: str) -> dt.datetime:
+    """An ISO 8601 date (its start, 00:00 UTC) or date-time with offset."""
+    try:
+        if len(text) == 10:
+            return dt.datetime.combine(dt.date.fromisoformat(text), dt.time(), tzinfo=dt.UTC)
+        value = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"--as-of: {text!r} is not an ISO 8601 date or date-time") from None
+    if value.tzinfo is None:
+        raise ValueError(f"--as-of: {text!r} has no UTC offset; add +00:00 or the site's offset")
+    return value

@@ -1,0 +1,57 @@
+"""One frozen settings object, built at the entry point and passed down.
+
+Every setting comes from the environment with the prefix ``MONITOR_`` (and from ``--``
+options where a person would type them). Nothing else in the package reads
+``os.environ``. Tests build ``Settings(...)`` directly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MONITOR_", frozen=True, extra="ignore")
+
+    broker: str | None = Field(None, description="Kafka URL, e.g. kafka://host:9092; "
+                                                 "unset = start an embedded local broker")
+    rules_dir: Path = Field(Path("rules"), description="folder of one YAML rules file per trial")
+    web_port: int = Field(6066, ge=0, le=65535, description="port of /status, /metrics, "
+                                                             "/healthz and /readyz")
+    web_host: str = Field("127.0.0.1", description="address the web port binds to")
+    state_dir: Path = Field(Path(".state"), description="where the worker keeps its local "
+                                                        "table store")
+    app_id: str = Field("safety-monitor", description="consumer group and changelog prefix")
+    events_topic: str = "safety.events"
+    dead_letter_topic: str = "safety.events.dead"
+    alerts_topic: str = "safety.alerts"
+    partitions: int = Field(4, ge=1, description="partitions of the topics the worker creates")
+    store: str = Field("rocksdb://", description="faust table store: rocksdb:// or memory://")
+    session_timeout: float = Field(10.0, gt=0, description="seconds before a dead worker's "
+                                                           "partitions move to another")
+    heartbeat_interval: float = Field(1.0, gt=0)
+    clock_interval: float = Field(60.0, gt=0, description="seconds between wall-clock checks "
+                                                          "of time-based states")
+    smtp_host: str | None = Field(None, description="SMTP server; unset = embedded local "
+                                                    "mailbox in the demo, no e-mail otherwise")
+    smtp_port: int = Field(25, ge=1, le=65535)
+    smtp_tls: Literal["none", "starttls", "tls"] = "none"
+    smtp_user: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_from: str = "safety-monitor@localhost"
+    smtp_timeout: float = Field(30.0, gt=0)
+    mail_dir: Path = Field(Path(".mail"), description="where the embedded mailbox keeps .eml "
+                                                      "files")
+
+    @field_validator("broker")
+    @classmethod
+    def _kafka_url(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        if not value.startswith("kafka://"):
+            raise ValueError(f"{value!r} is not a kafka:// URL (e.g. kafka://localhost:9092)")
+        return value
