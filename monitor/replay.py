@@ -75,7 +75,7 @@ def replay(lines: Iterable[bytes], catalog: dict[str, TrialRules],
     result = ReplayResult(Trials(catalog), as_of)
     apply = result.trials.apply
     for number, raw in enumerate(lines, 1):
-        if not raw.strip():
+        if raw.isspace() or not raw:
             continue  # a blank line holds no message
         result.read += 1
         event = parse_event(raw)
@@ -84,12 +84,12 @@ def replay(lines: Iterable[bytes], catalog: dict[str, TrialRules],
         elif as_of is not None and event.recorded_at > as_of:
             result.after_as_of += 1
         else:
-            changes = apply(event)
-            if changes.outcome == DUPLICATE:
+            outcome, alerts = apply(event)
+            if outcome is DUPLICATE:
                 result.duplicates += 1
                 continue
             result.accepted += 1
-            for alert in changes.alerts:
+            for alert in alerts:
                 result.alerts.append(alert)
                 result.alert_lines.append(number)
                 if on_alert is not None:

@@ -62,7 +62,7 @@ class AlertTransition(msgspec.Struct, frozen=True, kw_only=True):
     recorded_at: dt.datetime
     value: float
     threshold: float
-    evidence: tuple[dict, ...] = ()
+    evidence: tuple[EvidenceItem, ...] = ()
     added: tuple[str, ...] = ()
     removed: tuple[str, ...] = ()
     detail: dict = {}
@@ -73,7 +73,10 @@ class AlertTransition(msgspec.Struct, frozen=True, kw_only=True):
         return f"{self.id}#{self.sequence}"
 
     def to_json(self) -> dict:
-        out = msgspec.to_builtins(self)
+        out = msgspec.structs.asdict(self)
+        out["recorded_at"] = self.recorded_at.isoformat()
+        out["evidence"] = [item.as_dict() for item in self.evidence]
+        out["added"], out["removed"] = list(self.added), list(self.removed)
         out["key"] = self.key
         return out
 
@@ -114,19 +117,15 @@ def transition_of(trial_id: str, rule, entry: LedgerEntry, before: tuple[str, ..
                   result: RuleResult, transition: str, event_id: str,
                   recorded_at: dt.datetime) -> AlertTransition:
     """The alert message for a decision already recorded in ``entry``."""
-    now = set(result.evidence_keys)
+    now, was = set(result.evidence_keys), set(before)
     return AlertTransition(
         id=alert_id(trial_id, rule.id, entry.episode), trial_id=trial_id, rule_id=rule.id,
         kind=rule.kind, severity=rule.severity, episode=entry.episode,
         sequence=entry.sequence, transition=transition, event_id=event_id,
         recorded_at=recorded_at, value=result.value, threshold=result.threshold,
-        evidence=tuple(_evidence(i) for i in result.evidence),
-        added=tuple(k for k in result.evidence_keys if k not in set(before)),
+        evidence=result.evidence,
+        added=tuple(k for k in result.evidence_keys if k not in was),
         removed=tuple(k for k in before if k not in now), detail=result.detail)
-
-
-def _evidence(item: EvidenceItem) -> dict:
-    return item.as_dict()
 
 
 def halt_periods(ledger: dict[str, LedgerEntry],

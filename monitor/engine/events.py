@@ -23,6 +23,7 @@ import orjson
 NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
 Grade = Annotated[int, msgspec.Meta(ge=1, le=5)]
 Positive = Annotated[int, msgspec.Meta(ge=1)]
+Aware = Annotated[dt.datetime, msgspec.Meta(tz=True)]
 
 EVENT_TYPES = ("infusion", "adverse_event", "subject_status", "regulatory_report", "lab_result")
 RELATEDNESS = ("not_related", "unlikely", "possible", "probable", "definite")
@@ -54,12 +55,6 @@ class BadValue(ValueError):
     """A value that decoded but means nothing; the message names the field."""
 
 
-def _aware(field: str, value: dt.datetime) -> None:
-    if value.tzinfo is None:
-        raise BadValue(f"{field}: '{value.isoformat()}' has no UTC offset; "
-                       f"write it as {value.isoformat()}+00:00 or with the site's offset")
-
-
 def parse_day(field: str, text: str) -> dt.date:
     """A full ISO 8601 date, or the calendar date of a date-time as written."""
     try:
@@ -79,6 +74,12 @@ def partial_date_range(field: str, text: str) -> tuple[dt.date, dt.date, str]:
     2021-03-31, "month"); ``2021-03-05`` -> (that day, that day, "day"). A date with an
     interior gap (``2019---07``, unknown month but known day) is rejected.
     """
+    if len(text) == 10 and text[4] == "-" and text[7] == "-":
+        try:
+            exact = dt.date.fromisoformat(text)
+            return exact, exact, "day"
+        except ValueError:
+            pass  # fall through to the full diagnosis
     if _GAP.match(text):
         raise BadValue(f"{field}: '{text}' has a gap inside the date (a known part after an "
                        "unknown one); give YYYY, YYYY-MM or YYYY-MM-DD")
@@ -107,10 +108,7 @@ class BaseEvent(msgspec.Struct, kw_only=True, tag_field="type", gc=False):
     trial_id: NonEmpty
     subject_id: NonEmpty
     event_id: NonEmpty
-    recorded_at: dt.datetime
-
-    def __post_init__(self) -> None:
-        _aware("recorded_at", self.recorded_at)
+    recorded_at: Aware
 
 
 class Infusion(BaseEvent, tag="infusion"):
@@ -120,7 +118,6 @@ class Infusion(BaseEvent, tag="infusion"):
     infused_on: dt.date | None = None  # derived: the calendar date of infused_at
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         self.infused_on = parse_day("infused_at", self.infused_at)
 
 
@@ -145,7 +142,6 @@ class AdverseEvent(BaseEvent, tag="adverse_event"):
     onset_precision: str = "day"
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         lo, hi, precision = partial_date_range("onset", self.onset)
         self.onset_earliest, self.onset_latest, self.onset_precision = lo, hi, precision
         reported = self.recorded_at.date()
@@ -170,11 +166,7 @@ class SubjectStatus(BaseEvent, tag="subject_status"):
 
 class RegulatoryReport(BaseEvent, tag="regulatory_report"):
     ae_id: NonEmpty
-    submitted_at: dt.datetime
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _aware("submitted_at", self.submitted_at)
+    submitted_at: Aware
 
 
 class LabResult(BaseEvent, tag="lab_result"):
@@ -188,7 +180,6 @@ class LabResult(BaseEvent, tag="lab_result"):
     collected_on: dt.date | None = None  # derived
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         self.collected_on = parse_day("collected_at", self.collected_at)
 
 
@@ -283,6 +274,9 @@ def _field_message(field: str, value: object, what: str) -> str:
         bad = re.search(r"'(.*)'", what)
         shown = bad.group(1) if bad else value
         return f"{shown!r} is not one of {', '.join(_ENUMS[field])}"
+    if "with a timezone" in what:
+        return (f"{value!r} has no UTC offset; write it as {value}+00:00 or with the "
+                "site's offset")
     if "RFC3339 encoded date" in what and "datetime" not in what:
         return f"{value!r} is not an ISO 8601 date (YYYY-MM-DD)"
     if "RFC3339" in what:

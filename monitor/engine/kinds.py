@@ -15,70 +15,55 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-from collections import Counter
-from typing import Annotated, ClassVar, Literal
+from bisect import insort
+from collections.abc import Callable, Iterator, Sequence
+from typing import Annotated, ClassVar, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from .events import AdverseEvent, SeriousCriterion
+from .events import RELATED, AdverseEvent, SeriousCriterion
 from .window import IN_WINDOW, Placement
 
 RuleId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=64)]
 Severity = Literal["halt", "pause", "review"]
 
 
-class EvidenceItem(tuple):
-    """One adverse event (or infusion) behind a rule's value; a tuple for speed."""
+class EvidenceItem(NamedTuple):
+    """One adverse event (or infusion) behind a rule's value."""
 
-    __slots__ = ()
-    _fields = ("subject_id", "ae_id", "term", "grade", "serious", "relatedness", "onset_day",
-               "onset", "group")
-
-    def __new__(cls, subject_id: str, ae_id: str, term: str, grade: int | None,
-                serious: bool | None, relatedness: str | None, onset_day: int | None,
-                onset: dt.date | None, group: str | None = None) -> EvidenceItem:
-        return tuple.__new__(cls, (subject_id, ae_id, term, grade, serious, relatedness,
-                                   onset_day, onset, group))
-
-    subject_id = property(lambda self: self[0])
-    ae_id = property(lambda self: self[1])
-    term = property(lambda self: self[2])
-    grade = property(lambda self: self[3])
-    serious = property(lambda self: self[4])
-    relatedness = property(lambda self: self[5])
-    onset_day = property(lambda self: self[6])
-    onset = property(lambda self: self[7])
-    group = property(lambda self: self[8])
+    subject_id: str
+    ae_id: str
+    term: str
+    grade: int | None
+    serious: bool | None
+    relatedness: str | None
+    onset_day: int | None  # days after the first infusion
+    onset: dt.date | None
+    group: str | None = None  # the MedDRA SOC or PT of a cluster
 
     @property
     def key(self) -> str:
-        return f"{self[0]}/{self[1]}"
+        return f"{self.subject_id}/{self.ae_id}"
 
     def as_dict(self) -> dict:
-        out = dict(zip(self._fields, self, strict=True))
-        out["onset"] = self[7].isoformat() if self[7] else None
-        out["related"] = self[5] is None or self[5] in ("possible", "probable", "definite")
+        out = self._asdict()
+        out["onset"] = self.onset.isoformat() if self.onset else None
+        out["related"] = self.relatedness is None or self.relatedness in RELATED
         return out
 
 
-class RuleResult(tuple):
+class RuleResult(NamedTuple):
     """A rule's state now: value against threshold, and the evidence behind the value."""
 
-    __slots__ = ()
-
-    def __new__(cls, value: float, threshold: float, breached: bool,
-                evidence: tuple[EvidenceItem, ...], detail: dict | None = None) -> RuleResult:
-        return tuple.__new__(cls, (value, threshold, breached, evidence, detail or {}))
-
-    value = property(lambda self: self[0])
-    threshold = property(lambda self: self[1])
-    breached = property(lambda self: self[2])
-    evidence = property(lambda self: self[3])
-    detail = property(lambda self: self[4])
+    value: float
+    threshold: float
+    breached: bool
+    evidence: tuple[EvidenceItem, ...]
+    detail: dict
 
     @property
     def evidence_keys(self) -> tuple[str, ...]:
-        return tuple(item.key for item in self[3])
+        return tuple(item.key for item in self.evidence)
 
 
 class Match(BaseModel):
@@ -97,37 +82,44 @@ class Match(BaseModel):
     within_hours_of_infusion: int | None = Field(None, ge=1)
     in_window: bool = True
 
+    def model_post_init(self, _context: object) -> None:
+        self._checks = tuple(self._compile())
+
     def matches(self, ae: AdverseEvent, placement: Placement,
-                infusions: list[dt.date]) -> bool:
-        if self.in_window and placement.period != IN_WINDOW:
-            return False
-        if placement.onset is None:
-            return False
-        if self.grade_min is not None and ae.grade < self.grade_min:
-            return False
-        if self.serious is not None and ae.serious != self.serious:
-            return False
-        if self.related is not None and ae.related != self.related:
-            return False
-        if self.fatal is not None and ae.fatal != self.fatal:
-            return False
-        if self.expected is not None and (ae.expected is True) != self.expected:
-            return False
-        return self._matches_lists(ae) and self._near_infusion(placement.onset, infusions)
+                infusions: Sequence[dt.date]) -> bool:
+        """All given conditions hold. Compiled once per rule: this runs for every AE."""
+        for check in self._checks:  # noqa: SIM110 - a loop is faster than all(genexpr)
+            if not check(ae, placement, infusions):
+                return False
+        return True
 
-    def _matches_lists(self, ae: AdverseEvent) -> bool:
-        if self.serious_criteria and not set(self.serious_criteria) & set(ae.serious_criteria):
-            return False
-        if self.meddra_pt and _folded(ae.meddra_pt) not in _folded_all(self.meddra_pt):
-            return False
-        return not self.meddra_soc or _folded(ae.meddra_soc) in _folded_all(self.meddra_soc)
+    def _compile(self) -> Iterator[Callable[[AdverseEvent, Placement, Sequence[dt.date]], bool]]:
+        if self.in_window:
+            yield lambda ae, p, d: p.period == IN_WINDOW
+        else:
+            yield lambda ae, p, d: p.onset is not None
+        if (grade := self.grade_min) is not None:
+            yield lambda ae, p, d: ae.grade >= grade
+        for name in ("serious", "related", "fatal"):
+            if (wanted := getattr(self, name)) is not None:
+                yield lambda ae, p, d, name=name, wanted=wanted: getattr(ae, name) is wanted
+        if (expected := self.expected) is not None:
+            yield lambda ae, p, d: (ae.expected is True) is expected
+        if criteria := frozenset(self.serious_criteria):
+            yield lambda ae, p, d: not criteria.isdisjoint(ae.serious_criteria)
+        if pts := _folded_all(self.meddra_pt):
+            yield lambda ae, p, d: _folded(ae.meddra_pt) in pts
+        if socs := _folded_all(self.meddra_soc):
+            yield lambda ae, p, d: _folded(ae.meddra_soc) in socs
+        if self.within_hours_of_infusion is not None:
+            days = math.ceil(self.within_hours_of_infusion / 24)
+            yield lambda ae, p, d: near_infusion(p.onset, d, days)
 
-    def _near_infusion(self, onset: dt.date, infusions: list[dt.date]) -> bool:
-        """Onsets are dates: within H hours means on day 0 .. ceil(H/24) after an infusion."""
-        if self.within_hours_of_infusion is None:
-            return True
-        days = math.ceil(self.within_hours_of_infusion / 24)
-        return any(0 <= (onset - day).days <= days for day in infusions)
+
+def near_infusion(onset: dt.date, infusions: Sequence[dt.date], days: int) -> bool:
+    """Onsets are dates: within H hours of an infusion means on day 0 .. ceil(H/24) after
+    it (conservative: a day-2 onset may be 47 hours after a late-evening infusion)."""
+    return any(0 <= (onset - day).days <= days for day in infusions)
 
 
 def _folded(text: str | None) -> str | None:
@@ -153,9 +145,9 @@ class Rule(BaseModel):
     watches_halts: ClassVar[bool] = False
 
     def evidence_for(self, subject_id: str, ae: AdverseEvent, placement: Placement,
-                     infusions: list[dt.date]) -> EvidenceItem | None:
-        """The evidence item this AE adds, or None when the rule does not look at it."""
-        if ae.retracted or not self.match.matches(ae, placement, infusions):
+                     infusions: Sequence[dt.date]) -> EvidenceItem | None:
+        """The evidence item this AE (current, not retracted) adds, or None."""
+        if not self.match.matches(ae, placement, infusions):
             return None
         return EvidenceItem(subject_id, ae.ae_id, ae.term, ae.grade, ae.serious,
                             ae.relatedness, placement.day, placement.onset,
@@ -192,6 +184,10 @@ class Tally:
             self.events += old is None
         return True
 
+    def breached(self) -> bool:
+        """Cheap: whether the rule is breached now, without building its evidence."""
+        return self.value() >= self.rule.threshold
+
     def all_items(self) -> tuple[EvidenceItem, ...]:
         return tuple(sorted((i for m in self.items.values() for i in m.values()), key=_order))
 
@@ -208,23 +204,23 @@ class CountRule(Rule):
     threshold: int = Field(ge=1)
 
     def tracker(self) -> CountTracker:
-        return CountTracker(self)
+        return CountTracker(self, self.count)
 
 
 class CountTracker(Tally):
-    __slots__ = ("rule",)
+    __slots__ = ("rule", "count")
 
-    def __init__(self, rule: CountRule) -> None:
+    def __init__(self, rule: Rule, count: str) -> None:
         super().__init__()
-        self.rule = rule
+        self.rule, self.count = rule, count
 
     def value(self) -> int:
-        return len(self.items) if self.rule.count == "subjects" else self.events
+        return len(self.items) if self.count == "subjects" else self.events
 
-    def result(self) -> RuleResult:
+    def result(self) -> RuleResult:  # sorts the evidence: call when it is needed
         value = self.value()
         return RuleResult(value, self.rule.threshold, value >= self.rule.threshold,
-                          self.all_items(), {"count": self.rule.count})
+                          self.all_items(), {"count": self.count})
 
 
 class ClusterRule(Rule):
@@ -252,46 +248,76 @@ class ClusterRule(Rule):
 
 
 class ClusterTracker(Tally):
-    __slots__ = ("rule",)
+    """Matching items by group, each group kept sorted by onset with its densest window
+    cached, so an AE costs work in its own group only."""
+
+    __slots__ = ("rule", "groups", "best", "dirty")
 
     def __init__(self, rule: ClusterRule) -> None:
         super().__init__()
         self.rule = rule
+        self.groups: dict[str, list[tuple]] = {}
+        self.best: dict[str, tuple[int, tuple[EvidenceItem, ...]]] = {}
+        self.dirty: set[str] = set()
+
+    def set(self, subject_id: str, key: str, item: EvidenceItem | None) -> bool:
+        mine = self.items.get(subject_id)
+        old = mine.get(key) if mine else None
+        if not super().set(subject_id, key, item):
+            return False
+        if old is not None:
+            self.groups[old.group].remove(_sort_key(old))
+            self.dirty.add(old.group)
+        if item is not None:
+            insort(self.groups.setdefault(item.group, []), _sort_key(item))
+            self.dirty.add(item.group)
+        return True
+
+    def _refresh(self) -> None:
+        for group in self.dirty:
+            members = self.groups.get(group)
+            if members:
+                self.best[group] = densest_window(members, self.rule.within_days)
+            else:
+                self.groups.pop(group, None)
+                self.best.pop(group, None)
+        self.dirty.clear()
+
+    def value(self) -> int:
+        self._refresh()
+        return max((size for size, _ in self.best.values()), default=0)
 
     def result(self) -> RuleResult:
-        groups: dict[str, list[EvidenceItem]] = {}
-        for mine in self.items.values():
-            for item in mine.values():
-                groups.setdefault(item.group, []).append(item)
-        best: tuple[int, tuple[EvidenceItem, ...], str | None] = (0, (), None)
-        for group in sorted(groups):
-            size, members = densest_window(groups[group], self.rule.within_days)
-            if size > best[0]:
-                best = (size, members, group)
-        size, members, group = best
+        size = self.value()
+        group = min((g for g, (n, _) in self.best.items() if n == size), default=None)
+        members = self.best[group][1] if group is not None else ()
         return RuleResult(size, self.rule.subjects, size >= self.rule.subjects,
                           tuple(sorted(members, key=_order)),
                           {"group": group, "by": self.rule.by,
                            "within_days": self.rule.within_days})
 
 
-def densest_window(items: list[EvidenceItem], within_days: int) -> tuple[int, tuple]:
+def _sort_key(item: EvidenceItem) -> tuple:
+    return (item.onset.toordinal(), item.subject_id, item.ae_id, item)
+
+
+def densest_window(ordered: list[tuple], within_days: int) -> tuple[int, tuple]:
     """The most distinct subjects whose onsets lie within ``within_days`` of each other,
-    and the items of that window (the earliest such window on a tie)."""
-    ordered = sorted(items, key=lambda i: (i.onset, i.subject_id, i.ae_id))
-    subjects: Counter[str] = Counter()
+    and the items of that window (the earliest such window on a tie). ``ordered`` holds
+    `_sort_key` tuples in order."""
+    subjects: dict[str, int] = {}
     best, best_span, start = 0, (0, 0), 0
-    for end, item in enumerate(ordered):
-        subjects[item.subject_id] += 1
-        while (item.onset - ordered[start].onset).days > within_days:
-            left = ordered[start].subject_id
+    for end, (day, subject_id, _ae, _item) in enumerate(ordered):
+        subjects[subject_id] = subjects.get(subject_id, 0) + 1
+        while day - ordered[start][0] > within_days:
+            left = ordered[start][1]
             subjects[left] -= 1
             if not subjects[left]:
                 del subjects[left]
             start += 1
         if len(subjects) > best:
             best, best_span = len(subjects), (start, end + 1)
-    return best, tuple(ordered[best_span[0]:best_span[1]])
+    return best, tuple(entry[3] for entry in ordered[best_span[0]:best_span[1]])
 
 
 class DosingWhileHalted(Rule):
@@ -311,8 +337,7 @@ class DosingWhileHalted(Rule):
         return self
 
     def tracker(self) -> CountTracker:
-        return CountTracker(CountRule(id=self.id, severity=self.severity, kind="count",
-                                      count="events", threshold=self.threshold))
+        return CountTracker(self, count="events")
 
     @staticmethod
     def during_halt(recorded_at: dt.datetime,

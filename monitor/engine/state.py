@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import msgspec
 
 from . import alerts
 from .events import (
+    EVENT_TYPES,
     AdverseEvent,
     Event,
     Infusion,
@@ -66,21 +68,27 @@ class Subject(msgspec.Struct):
         return min((i.infused_on for i in self.infusions), default=None)
 
 
+def _zero_by_type() -> dict[str, int]:
+    return dict.fromkeys(EVENT_TYPES, 0)
+
+
 class Counts(msgspec.Struct):
     """Events of one trial by outcome and type, and when the latest was recorded."""
 
-    accepted: dict[str, int] = {}
-    duplicates: dict[str, int] = {}
+    accepted: dict[str, int] = msgspec.field(default_factory=_zero_by_type)
+    duplicates: dict[str, int] = msgspec.field(default_factory=_zero_by_type)
     last_recorded_at: dt.datetime | None = None
 
 
-@dataclass(slots=True)
-class Changes:
-    """What one step did: its outcome, the subject it touched, and alert transitions."""
+class Changes(NamedTuple):
+    """What one step did: accepted or duplicate, and the alert transitions it caused."""
 
     outcome: str
-    subject_id: str
-    alerts: list[alerts.AlertTransition] = field(default_factory=list)
+    alerts: tuple[alerts.AlertTransition, ...] = ()
+
+
+_DUPLICATE = Changes(DUPLICATE)
+_QUIET = Changes(ACCEPTED)
 
 
 @dataclass(slots=True)
@@ -91,18 +99,16 @@ class TrialState:
     ledger: dict[str, alerts.LedgerEntry] = field(default_factory=dict)
     counts: Counts = field(default_factory=Counts)
     # derived, rebuilt by `rebuild`:
+    window: WindowLength = WindowLength()
+    ae_rules: tuple[Rule, ...] = ()
     trackers: dict[str, object] = field(default_factory=dict)
-    infusion_days: dict[str, list[dt.date]] = field(default_factory=dict)
-
-    @property
-    def window(self) -> WindowLength:
-        return self.rules.window.length if self.rules else WindowLength()
+    infusion_days: dict[str, tuple[dt.date, dt.date, list[dt.date]]] = field(default_factory=dict)
 
     def placement(self, subject_id: str, ae: AdverseEvent) -> Placement:
-        days = self.infusion_days.get(subject_id)
-        first = days[0] if days else None
-        last = self.window.last_day(first) if first else None
-        return place_onset(ae.onset_earliest, ae.onset_latest, first, last)
+        known = self.infusion_days.get(subject_id)
+        if known is None:
+            return place_onset(ae.onset_earliest, ae.onset_latest, None, None)
+        return place_onset(ae.onset_earliest, ae.onset_latest, known[0], known[1])
 
 
 def new_trial(trial_id: str, rules: TrialRules | None) -> TrialState:
@@ -115,6 +121,8 @@ def rebuild(trial: TrialState) -> TrialState:
     rules = trial.rules.rules if trial.rules else ()
     for rule in rules:
         trial.ledger.setdefault(rule.id, alerts.LedgerEntry(rule.id, rule.severity))
+    trial.window = trial.rules.window.length if trial.rules else WindowLength()
+    trial.ae_rules = tuple(r for r in rules if r.watches_adverse_events)
     trial.trackers = {rule.id: rule.tracker() for rule in rules}
     trial.infusion_days = {}
     for subject in trial.subjects.values():
@@ -129,17 +137,19 @@ def step(trial: TrialState, event: Event) -> tuple[TrialState, Changes]:
     subject = trial.subjects.get(event.subject_id)
     if subject is None:
         subject = trial.subjects[event.subject_id] = Subject(event.subject_id)
-    counts = trial.counts
-    etype = type(event).__struct_config__.tag
+    counts, kind = trial.counts, type(event)
     if event.event_id in subject.seen:
-        counts.duplicates[etype] = counts.duplicates.get(etype, 0) + 1
-        return trial, Changes(DUPLICATE, subject.subject_id)
+        counts.duplicates[_TAGS[kind]] += 1
+        return trial, _DUPLICATE
     subject.seen.add(event.event_id)
-    counts.accepted[etype] = counts.accepted.get(etype, 0) + 1
+    counts.accepted[_TAGS[kind]] += 1
     if counts.last_recorded_at is None or event.recorded_at > counts.last_recorded_at:
         counts.last_recorded_at = event.recorded_at
-    dirty = _APPLY[type(event)](trial, subject, event)
-    return trial, Changes(ACCEPTED, subject.subject_id, _evaluate(trial, dirty, event))
+    dirty = _APPLY[kind](trial, subject, event)
+    if not dirty:
+        return trial, _QUIET
+    found = _evaluate(trial, dirty, event)
+    return trial, Changes(ACCEPTED, tuple(found)) if found else _QUIET
 
 
 def _apply_ae(trial: TrialState, subject: Subject, ae: AdverseEvent) -> list[Rule]:
@@ -185,29 +195,30 @@ def _apply_lab(trial: TrialState, subject: Subject, lab: LabResult) -> list[Rule
     return []
 
 
+_TAGS = {kind: kind.__struct_config__.tag for kind in
+         (AdverseEvent, Infusion, SubjectStatus, RegulatoryReport, LabResult)}
 _APPLY = {AdverseEvent: _apply_ae, Infusion: _apply_infusion, SubjectStatus: _apply_status,
           RegulatoryReport: _apply_report, LabResult: _apply_lab}
 
 
 def _cache_infusions(trial: TrialState, subject: Subject) -> None:
+    """(first infusion, last day of the window, every infusion day) of the subject."""
     if subject.infusions:
-        trial.infusion_days[subject.subject_id] = sorted(i.infused_on for i in subject.infusions)
-
-
-def _ae_rules(trial: TrialState) -> list[Rule]:
-    return [r for r in trial.rules.rules if r.watches_adverse_events] if trial.rules else []
+        days = sorted(i.infused_on for i in subject.infusions)
+        trial.infusion_days[subject.subject_id] = (days[0], trial.window.last_day(days[0]), days)
 
 
 def _track_ae(trial: TrialState, subject_id: str, ae: AdverseEvent) -> list[Rule]:
     """Give the AE's current version to every rule that looks at AEs."""
-    if trial.rules is None:
+    if not trial.ae_rules:
         return []
     placement = trial.placement(subject_id, ae)
-    days = trial.infusion_days.get(subject_id, ())
-    trackers, dirty = trial.trackers, []
-    for rule in trial.rules.rules:
-        if rule.watches_adverse_events and trackers[rule.id].set(
-                subject_id, ae.ae_id, rule.evidence_for(subject_id, ae, placement, days)):
+    known = trial.infusion_days.get(subject_id)
+    days = known[2] if known else ()
+    trackers, dirty, retracted = trial.trackers, [], ae.retracted
+    for rule in trial.ae_rules:
+        item = None if retracted else rule.evidence_for(subject_id, ae, placement, days)
+        if trackers[rule.id].set(subject_id, ae.ae_id, item):
             dirty.append(rule)
     return dirty
 
@@ -227,6 +238,8 @@ def _track_halts(trial: TrialState) -> list[Rule]:
     for rule in (r for r in rules if r.watches_halts):
         periods = alerts.halt_periods(trial.ledger, exclude=rule.id)
         tracker, changed = trial.trackers[rule.id], False
+        if not periods and not tracker.items:
+            continue  # no halt ever, nothing counted: nothing can change
         for subject in trial.subjects.values():
             for infusion in subject.infusions:
                 item = _dosing_item(subject.subject_id, infusion) \
@@ -257,15 +270,16 @@ def _decide(trial: TrialState, dirty: list[Rule], event: Event,
             out: list[alerts.AlertTransition]) -> bool:
     halt_changed = False
     for rule in dirty:
-        entry = trial.ledger[rule.id]
-        result = trial.trackers[rule.id].result()
-        transition = alerts.decide(entry, result)
-        if transition is None:
-            alerts.record(entry, result, None, event.recorded_at)
+        entry, tracker = trial.ledger[rule.id], trial.trackers[rule.id]
+        if not entry.breached and not tracker.breached():
+            entry.value = tracker.value()  # ok before and after: no evidence to build
             continue
+        result = tracker.result()
+        transition = alerts.decide(entry, result)
         before = entry.evidence
         alerts.record(entry, result, transition, event.recorded_at)
-        out.append(alerts.transition_of(trial.trial_id, rule, entry, before, result,
-                                        transition, event.event_id, event.recorded_at))
-        halt_changed |= rule.severity == "halt" and transition != alerts.UPDATED
+        if transition is not None:
+            out.append(alerts.transition_of(trial.trial_id, rule, entry, before, result,
+                                            transition, event.event_id, event.recorded_at))
+            halt_changed |= rule.severity == "halt" and transition != alerts.UPDATED
     return halt_changed

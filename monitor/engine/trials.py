@@ -26,7 +26,8 @@ class Trials:
         return trial
 
     def apply(self, event: Event) -> Changes:
-        return step(self.trial(event.trial_id), event)[1]
+        trial = self.trials.get(event.trial_id) or self.trial(event.trial_id)
+        return step(trial, event)[1]
 
     def report(self, as_of: dt.datetime) -> dict[str, dict]:
         """The ``trials`` part of the replay JSON, trials in id order."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 import calendar
 import datetime as dt
 from dataclasses import dataclass
+from typing import NamedTuple
 
 PRE_TREATMENT = "pre_treatment"
 IN_WINDOW = "in_window"
@@ -53,8 +54,7 @@ def add_months(day: dt.date, months: int) -> dt.date:
     return dt.date(year, month, min(day.day, calendar.monthrange(year, month)[1]))
 
 
-@dataclass(frozen=True, slots=True)
-class Placement:
+class Placement(NamedTuple):
     """Where an AE's onset falls in its subject's window."""
 
     onset: dt.date | None  # None while the subject awaits its first infusion

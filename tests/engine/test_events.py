@@ -1,0 +1,144 @@
+"""The event contract: every bad input gets a one-line reason naming the field."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import orjson
+import pytest
+
+from monitor.engine.events import (
+    AdverseEvent,
+    Infusion,
+    LabResult,
+    RegulatoryReport,
+    Rejection,
+    SubjectStatus,
+    parse_event,
+)
+from tests.builders import ae, infusion, status
+
+BASE = {"trial_id": "ISC.19.29", "subject_id": "ISC-001", "event_id": "e-1",
+        "recorded_at": "2021-03-01T10:00:00+07:00"}
+GOOD_AE = {**BASE, "type": "adverse_event", "ae_id": "AE-1", "version": 1, "term": "fever",
+           "onset": "2021-02-20", "grade": 2, "serious": False}
+
+
+def parsed(doc: dict | bytes) -> object:
+    return parse_event(doc if isinstance(doc, bytes) else orjson.dumps(doc))
+
+
+@pytest.mark.parametrize("message, kind", [
+    (GOOD_AE, AdverseEvent),
+    ({**BASE, "type": "infusion", "infused_at": "2021-02-01", "dose_number": 1}, Infusion),
+    ({**BASE, "type": "infusion", "infused_at": "2021-02-01T23:30:00+07:00",
+      "dose_number": 2, "cells_per_kg": 1e6}, Infusion),
+    ({**BASE, "type": "subject_status", "status": "withdrawn", "effective_on": "2021-02-01"},
+     SubjectStatus),
+    ({**BASE, "type": "regulatory_report", "ae_id": "AE-1",
+      "submitted_at": "2021-03-01T10:00:00Z"}, RegulatoryReport),
+    ({**BASE, "type": "lab_result", "test": "ALT", "value": 41.5, "unit": "U/L", "uln": 40,
+      "collected_at": "2021-02-28"}, LabResult),
+    ({**BASE, "type": "lab_result", "test": "XYZ", "value": 1, "unit": "",
+      "collected_at": "2021-02-28T08:00:00+07:00", "dialysis": True}, LabResult),
+])
+def test_valid_events_decode_to_their_type(message: dict, kind: type) -> None:
+    assert type(parsed(message)) is kind
+
+
+def test_unknown_extra_fields_are_accepted_and_ignored() -> None:
+    event = parsed({**GOOD_AE, "site": "HCMC-01", "nested": {"x": [1, 2]}})
+    assert isinstance(event, AdverseEvent) and event.term == "fever"
+
+
+def test_infusion_date_is_the_calendar_date_as_written() -> None:
+    event = parsed({**BASE, "type": "infusion", "dose_number": 1,
+                    "infused_at": "2021-02-01T23:30:00-05:00"})
+    assert event.infused_on == dt.date(2021, 2, 1)
+
+
+@pytest.mark.parametrize("onset, earliest, latest, precision", [
+    ("2021-02-20", dt.date(2021, 2, 20), dt.date(2021, 2, 20), "day"),
+    ("2021-02", dt.date(2021, 2, 1), dt.date(2021, 2, 28), "month"),
+    ("2020-02", dt.date(2020, 2, 1), dt.date(2020, 2, 29), "month"),
+    ("2020", dt.date(2020, 1, 1), dt.date(2020, 12, 31), "year"),
+    ("2021-02-20T08:15", dt.date(2021, 2, 20), dt.date(2021, 2, 20), "day"),
+])
+def test_partial_onsets_give_their_range(onset, earliest, latest, precision) -> None:
+    event = parsed({**GOOD_AE, "onset": onset})
+    assert (event.onset_earliest, event.onset_latest, event.onset_precision) == (
+        earliest, latest, precision)
+
+
+def test_derived_fields_cannot_be_injected() -> None:
+    event = parsed({**GOOD_AE, "onset_earliest": "1999-01-01", "onset_precision": "year"})
+    assert event.onset_earliest == dt.date(2021, 2, 20) and event.onset_precision == "day"
+
+
+# Every case of SPEC "Bad input": the message a person reads, one line, field named.
+BAD = [
+    (b"not json", "not JSON"),
+    (b'{"type": "adverse_event", ', "not JSON"),
+    (b"", "empty message"),
+    (b"[1, 2]", "not a JSON object (got array)"),
+    (b'"text"', "not a JSON object (got string)"),
+    ({**GOOD_AE, "grade": 7}, "adverse_event.grade: 7 is not a CTCAE grade (1-5)"),
+    ({**GOOD_AE, "grade": 0}, "adverse_event.grade: 0 is not a CTCAE grade (1-5)"),
+    ({**GOOD_AE, "grade": "3"}, "adverse_event.grade: expected int, got str"),
+    ({**GOOD_AE, "version": 0}, "adverse_event.version: 0 is not allowed; version counts from 1"),
+    ({k: v for k, v in GOOD_AE.items() if k != "ae_id"},
+     "adverse_event.ae_id: missing (required for adverse_event)"),
+    ({k: v for k, v in GOOD_AE.items() if k != "recorded_at"},
+     "adverse_event.recorded_at: missing (required for adverse_event)"),
+    ({k: v for k, v in GOOD_AE.items() if k != "type"}, "type: missing; expected one of"),
+    ({**GOOD_AE, "type": "vital_sign"}, "type: 'vital_sign' is not an event type"),
+    ({**GOOD_AE, "onset": "2019---07"}, "adverse_event.onset: '2019---07' has a gap inside"),
+    ({**GOOD_AE, "onset": "2021-02-30"}, "adverse_event.onset: '2021-02-30' is not a calendar"),
+    ({**GOOD_AE, "onset": "21-02-03"}, "adverse_event.onset: '21-02-03' is not an ISO 8601 date"),
+    ({**GOOD_AE, "onset": "2021-03-02"},
+     "adverse_event.onset: '2021-03-02' is after recorded_at (2021-03-01)"),
+    ({**GOOD_AE, "onset": "2021-04"}, "adverse_event.onset: '2021-04' is after recorded_at"),
+    ({**GOOD_AE, "recorded_at": "2021-03-01T10:00:00"},
+     "adverse_event.recorded_at: '2021-03-01T10:00:00' has no UTC offset"),
+    ({**GOOD_AE, "recorded_at": "2021-03-01"},
+     "adverse_event.recorded_at: '2021-03-01' is not an ISO 8601 date-time with offset"),
+    ({**GOOD_AE, "relatedness": "maybe"},
+     "adverse_event.relatedness: 'maybe' is not one of not_related, unlikely"),
+    ({**GOOD_AE, "serious_criteria": ["death", "boredom"]},
+     "adverse_event.serious_criteria: 'boredom' is not one of death"),
+    ({**GOOD_AE, "outcome": "fine"}, "adverse_event.outcome: 'fine' is not one of recovered"),
+    ({**GOOD_AE, "resolved": "2021/03/01"},
+     "adverse_event.resolved: '2021/03/01' is not an ISO 8601 date"),
+    ({**GOOD_AE, "subject_id": ""}, "adverse_event.subject_id: must not be empty"),
+    ({**GOOD_AE, "serious": "yes"}, "adverse_event.serious: expected bool, got str"),
+    ({**BASE, "type": "infusion", "infused_at": "2021-13-01", "dose_number": 1},
+     "infusion.infused_at: '2021-13-01' is not an ISO 8601 date"),
+    ({**BASE, "type": "infusion", "infused_at": "2021-02-01", "dose_number": 0},
+     "infusion.dose_number: 0 is not allowed; dose_number counts from 1"),
+    ({**BASE, "type": "subject_status", "status": "gone", "effective_on": "2021-01-01"},
+     "subject_status.status: 'gone' is not one of enrolled, withdrawn"),
+    ({**BASE, "type": "regulatory_report", "ae_id": "A", "submitted_at": "2021-03-01T10:00:00"},
+     "regulatory_report.submitted_at: '2021-03-01T10:00:00' has no UTC offset"),
+    ({**BASE, "type": "lab_result", "test": "ALT", "value": "high", "unit": "U/L",
+      "collected_at": "2021-02-28"}, "lab_result.value: expected float, got str"),
+]
+
+
+@pytest.mark.parametrize("message, reason", BAD, ids=[r for _, r in BAD])
+def test_bad_input_is_rejected_with_a_reason_naming_the_field(message, reason: str) -> None:
+    rejection = parsed(message)
+    assert isinstance(rejection, Rejection)
+    assert rejection.reason.startswith(reason), rejection.reason
+    assert "\n" not in rejection.reason
+
+
+def test_rejection_keeps_the_ids_it_could_read() -> None:
+    rejection = parsed({**GOOD_AE, "grade": 9})
+    assert (rejection.event_id, rejection.trial_id, rejection.type) == (
+        "e-1", "ISC.19.29", "adverse_event")
+
+
+def test_builders_make_valid_events() -> None:
+    for message in (ae("S", "A", "2021-01-02"), infusion("S", "2021-01-01"),
+                    status("S", "withdrawn", "2021-05-01")):
+        assert not isinstance(parsed(message), Rejection), message

@@ -1,0 +1,205 @@
+"""The engine's step: versions, duplicates, held AEs, rules and alert transitions."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from monitor.engine.rules import parse_rules
+from monitor.engine.trials import Trials
+from tests.builders import TRIAL, ae, event, infusion, status
+
+AS_OF = dt.datetime(2023, 12, 31, tzinfo=dt.UTC)
+
+RULES = f"""
+trial_id: {TRIAL}
+planned_subjects: 20
+rules:
+  - {{id: related-sae, kind: count, severity: halt, threshold: 2,
+      match: {{serious: true, related: true}}}}
+  - {{id: grade3-events, kind: count, count: events, severity: review, threshold: 2,
+      match: {{grade_min: 3}}}}
+  - {{id: early, kind: count, severity: review, threshold: 1,
+      match: {{grade_min: 3, within_hours_of_infusion: 48}}}}
+  - {{id: gi-cluster, kind: cluster, severity: review, subjects: 3, within_days: 30,
+      match: {{grade_min: 2}}}}
+  - {{id: dosing-while-halted, kind: dosing_while_halted, severity: halt}}
+"""
+
+
+def run(messages: list[dict], rules: str = RULES) -> tuple[Trials, list]:
+    trials = Trials({TRIAL: parse_rules(rules)})
+    alerts = []
+    for message in messages:
+        alerts.extend(trials.apply(event(message)).alerts)
+    return trials, alerts
+
+
+def report(trials: Trials, as_of: dt.datetime = AS_OF) -> dict:
+    return trials.report(as_of)[TRIAL]
+
+
+def rule(trials: Trials, rule_id: str) -> dict:
+    return report(trials)["rules"][rule_id]
+
+
+def test_highest_version_wins_whatever_the_arrival_order() -> None:
+    v1 = ae("S1", "A", "2021-02-01", version=1, grade=1)
+    v2 = ae("S1", "A", "2021-02-01", version=2, grade=4, recorded_at="2021-03-01T00:00:00Z")
+    for order in ([v1, v2], [v2, v1]):
+        trials, _ = run([infusion("S1", "2021-01-01"), *order])
+        assert report(trials)["adverse_events"]["by_grade"]["4"] == 1
+        assert report(trials)["primary_endpoint"]["ae"] == 1
+
+
+def test_same_version_conflict_later_recorded_at_then_greater_event_id_wins() -> None:
+    early = ae("S1", "A", "2021-02-01", grade=1, recorded_at="2021-02-02T00:00:00Z",
+               event_id="b")
+    late = ae("S1", "A", "2021-02-01", grade=3, recorded_at="2021-02-03T00:00:00Z",
+              event_id="a")
+    tie = ae("S1", "A", "2021-02-01", grade=2, recorded_at="2021-02-03T00:00:00Z",
+             event_id="c")
+    for order in ([early, late, tie], [tie, late, early], [late, tie, early]):
+        trials, _ = run([infusion("S1", "2021-01-01"), *order])
+        out = report(trials)["adverse_events"]
+        assert out["by_grade"]["2"] == 1 and out["conflicts"] == 2, order
+
+
+def test_a_duplicate_event_id_changes_nothing() -> None:
+    sae = ae("S1", "A", "2021-02-01", serious=True, event_id="dup")
+    trials, alerts = run([infusion("S1", "2021-01-01"), sae, {**sae, "grade": 5}])
+    assert report(trials)["adverse_events"]["by_grade"] == {"1": 1, "2": 0, "3": 0, "4": 0,
+                                                              "5": 0}
+    assert report(trials)["events"]["duplicates"]["adverse_event"] == 1
+
+
+def test_retraction_withdraws_the_ae() -> None:
+    trials, _ = run([infusion("S1", "2021-01-01"), ae("S1", "A", "2021-02-01"),
+                     ae("S1", "A", "2021-02-01", version=2, retracted=True)])
+    out = report(trials)
+    assert out["primary_endpoint"]["ae"] == 0 and out["adverse_events"]["retracted"] == 1
+
+
+def test_an_ae_waits_for_its_subjects_first_infusion() -> None:
+    held = ae("S1", "A", "2021-02-01", grade=3, serious=True)
+    trials, _ = run([held])
+    assert report(trials)["adverse_events"]["awaiting_infusion"] == 1
+    assert report(trials)["primary_endpoint"]["ae"] == 0
+    trials, _ = run([held, infusion("S1", "2021-01-01", recorded_at="2021-03-01T00:00:00Z")])
+    assert report(trials)["primary_endpoint"] == {"ae": 1, "sae": 1, "subjects_with_ae": 1,
+                                                  "subjects_with_sae": 1}
+
+
+def test_an_earlier_infusion_arriving_late_moves_the_window() -> None:
+    trials, _ = run([infusion("S1", "2021-03-01", dose=2), ae("S1", "A", "2021-02-15"),
+                     infusion("S1", "2021-02-01", dose=1, recorded_at="2021-03-02T00:00:00Z")])
+    out = report(trials)
+    assert out["primary_endpoint"]["ae"] == 1 and out["adverse_events"]["pre_treatment"] == 0
+
+
+def test_pre_treatment_post_window_and_imputed_counts() -> None:
+    trials, _ = run([infusion("S1", "2020-12-06"), ae("S1", "A", "2020-11"),
+                     ae("S1", "B", "2022-01-02"), ae("S1", "C", "2021")])
+    out = report(trials)["adverse_events"]
+    assert (out["pre_treatment"], out["post_window"], out["imputed_onset"]) == (1, 1, 2)
+
+
+def test_subject_states_partition_the_infused() -> None:
+    messages = [infusion("S1", "2021-01-01"), infusion("S2", "2021-06-01"),
+                infusion("S3", "2021-06-01"), infusion("S4", "2021-06-01"),
+                status("S3", "withdrawn", "2021-08-01"), status("S4", "died", "2021-09-01"),
+                status("S5", "enrolled", "2021-09-01")]
+    trials, _ = run(messages)
+    as_of = dt.datetime(2022, 3, 1, tzinfo=dt.UTC)
+    assert report(trials, as_of)["subjects"] == {
+        "infused": 4, "in_window": 1, "window_completed": 1, "withdrawn": 1, "died": 1,
+        "known": 5}
+    # the window's last day is still in window; the day after it is completed
+    assert report(trials, dt.datetime(2022, 1, 1, tzinfo=dt.UTC))["subjects"]["in_window"] == 2
+    assert report(trials, dt.datetime(2022, 1, 2, tzinfo=dt.UTC))["subjects"]["in_window"] == 1
+
+
+def test_count_rule_raises_updates_and_resolves_with_stable_ids() -> None:
+    first = ae("S1", "A", "2021-02-01", serious=True, relatedness="possible")
+    second = ae("S2", "B", "2021-02-05", serious=True)  # causality not assessed: related
+    third = ae("S3", "C", "2021-02-07", serious=True, relatedness="definite")
+    downgrade = ae("S2", "B", "2021-02-05", serious=True, version=2, relatedness="unlikely",
+                   recorded_at="2021-03-01T00:00:00Z")
+    downgrade3 = ae("S3", "C", "2021-02-07", serious=True, version=2,
+                    relatedness="not_related", recorded_at="2021-03-02T00:00:00Z")
+    infusions = [infusion(s, "2021-01-10") for s in ("S1", "S2", "S3")]
+    trials, alerts = run([*infusions, first, second, third, downgrade, downgrade3])
+    halt = [a for a in alerts if a.rule_id == "related-sae"]
+    assert [(a.id, a.transition, a.value) for a in halt] == [
+        (f"{TRIAL}/related-sae/1", "raised", 2),
+        (f"{TRIAL}/related-sae/1", "updated", 3),
+        (f"{TRIAL}/related-sae/1", "updated", 2),
+        (f"{TRIAL}/related-sae/1", "resolved", 1),
+    ]
+    assert halt[0].event_id == second["event_id"]
+    assert halt[1].added == ("S3/C",) and halt[2].removed == ("S2/B",)
+    assert [a.sequence for a in halt] == [1, 2, 3, 4]
+    again = ae("S2", "B", "2021-02-05", serious=True, version=3, relatedness="probable",
+               recorded_at="2021-03-03T00:00:00Z")
+    trials.apply(event(infusion("S9", "2021-01-01")))
+    raised = trials.apply(event(again)).alerts
+    assert [(a.id, a.transition) for a in raised] == [(f"{TRIAL}/related-sae/2", "raised")]
+
+
+def test_events_count_rule_counts_aes_not_subjects() -> None:
+    trials, alerts = run([infusion("S1", "2021-01-01"), ae("S1", "A", "2021-05-01", grade=3),
+                          ae("S1", "B", "2021-06-01", grade=4)])
+    assert rule(trials, "grade3-events")["state"] == "breached"
+    assert rule(trials, "grade3-events")["evidence"] == ["S1/A", "S1/B"]
+
+
+def test_within_48_hours_of_any_infusion() -> None:
+    messages = [infusion("S1", "2021-01-01"), infusion("S1", "2021-02-01", dose=2)]
+    for onset, expected in (("2021-01-03", "breached"), ("2021-01-04", "ok"),
+                            ("2021-02-02", "breached"), ("2020-12-31", "ok")):
+        trials, _ = run([*messages, ae("S1", "A", onset, grade=3)])
+        assert rule(trials, "early")["state"] == expected, onset
+
+
+def test_cluster_needs_distinct_subjects_within_the_days_in_one_soc() -> None:
+    gi = {"meddra_soc": "Gastrointestinal disorders", "grade": 2}
+    base = [infusion(s, "2021-01-01") for s in ("S1", "S2", "S3", "S4")]
+    near = [ae("S1", "A", "2021-03-01", **gi), ae("S2", "B", "2021-03-20", **gi),
+            ae("S3", "C", "2021-03-31", **gi)]
+    trials, _ = run([*base, *near])
+    assert rule(trials, "gi-cluster")["state"] == "breached"
+    assert rule(trials, "gi-cluster")["evidence"] == ["S1/A", "S2/B", "S3/C"]
+    trials, _ = run([*base, *near[:2], ae("S3", "C", "2021-04-01", **gi)])  # 31 days apart
+    assert rule(trials, "gi-cluster")["value"] == 2
+    same_subject = [ae("S1", "A", "2021-03-01", **gi), ae("S1", "B", "2021-03-02", **gi),
+                    ae("S2", "C", "2021-03-03", **gi)]
+    trials, _ = run([*base, *same_subject])
+    assert rule(trials, "gi-cluster")["value"] == 2
+    other_soc = {**gi, "meddra_soc": "Nervous system disorders"}
+    trials, _ = run([*base, *near[:2], ae("S3", "C", "2021-03-05", **other_soc)])
+    assert rule(trials, "gi-cluster")["state"] == "ok"
+
+
+def test_dosing_while_halted_and_not_after_resolution() -> None:
+    saes = [ae("S1", "A", "2021-02-01", serious=True, recorded_at="2021-02-02T00:00:00Z"),
+            ae("S2", "B", "2021-02-03", serious=True, recorded_at="2021-02-04T00:00:00Z")]
+    base = [infusion("S1", "2021-01-01"), infusion("S2", "2021-01-02")]
+    dose_during = infusion("S3", "2021-02-10")
+    trials, alerts = run([*base, *saes, dose_during])
+    assert rule(trials, "dosing-while-halted")["evidence"] == [f"S3/{dose_during['event_id']}"]
+    assert alerts[-1].rule_id == "dosing-while-halted" and alerts[-1].transition == "raised"
+    before = infusion("S4", "2021-02-03", recorded_at="2021-02-03T12:00:00Z")
+    trials, _ = run([*base, *saes, before])
+    assert rule(trials, "dosing-while-halted")["state"] == "ok"
+    resolve = ae("S2", "B", "2021-02-03", serious=True, version=2, relatedness="not_related",
+                 recorded_at="2021-02-05T00:00:00Z")
+    trials, _ = run([*base, *saes, resolve, infusion("S5", "2021-02-06")])
+    assert rule(trials, "dosing-while-halted")["state"] == "ok"
+
+
+def test_a_trial_without_rules_is_counted_with_a_warning() -> None:
+    trials = Trials({})
+    trials.apply(event(infusion("S1", "2021-01-01", trial="OTHER.1")))
+    trials.apply(event(ae("S1", "A", "2021-01-05", trial="OTHER.1")))
+    out = trials.report(AS_OF)["OTHER.1"]
+    assert out["rules"] == {} and "no rules file" in out["warning"]
+    assert out["primary_endpoint"]["ae"] == 1
