@@ -6,7 +6,9 @@ A kind is a frozen pydantic model (its fields are the rule file's keys) with two
   engine updates one adverse event or infusion at a time, so that no event costs work
   proportional to the trial's history;
 * the tracker's ``result()`` says the rule's value, threshold, breached state and
-  evidence (`RuleResult`).
+  evidence (`RuleResult`); its ``breached()`` says the state alone, cheaply.
+
+The engine feeds a tracker what the kind's ``watches_*`` flags ask for (see `Rule`).
 
 To add a kind, write its class below and add it to ``RULE_KINDS`` at the bottom.
 """
@@ -141,8 +143,10 @@ class Rule(BaseModel):
     action: str = ""
     match: Match = Match()
 
-    watches_adverse_events: ClassVar[bool] = True
-    watches_halts: ClassVar[bool] = False
+    # Which changes the engine tells this kind's tracker about, besides nothing:
+    watches_adverse_events: ClassVar[bool] = True  # tracker.set(subject, ae_id, item)
+    watches_halts: ClassVar[bool] = False  # tracker.set(subject, infusion_id, item)
+    watches_infused: ClassVar[bool] = False  # tracker.infused(n) -> changed
 
     def evidence_for(self, subject_id: str, ae: AdverseEvent, placement: Placement,
                      infusions: Sequence[dt.date]) -> EvidenceItem | None:

@@ -128,6 +128,7 @@ def rebuild(trial: TrialState) -> TrialState:
     for subject in trial.subjects.values():
         _cache_infusions(trial, subject)
         _track_subject(trial, subject)
+    _track_infused(trial)
     _track_halts(trial)
     return trial
 
@@ -172,10 +173,20 @@ def _wins(ae: AdverseEvent, rival: AdverseEvent) -> bool:
 
 
 def _apply_infusion(trial: TrialState, subject: Subject, infusion: Infusion) -> list[Rule]:
+    newly_infused = not subject.infusions
     subject.infusions.append(infusion)
     _cache_infusions(trial, subject)
     dirty = _track_subject(trial, subject)
+    if newly_infused:
+        dirty += _track_infused(trial)
     return dirty + _track_halts(trial)
+
+
+def _track_infused(trial: TrialState) -> list[Rule]:
+    """Tell the rules whose denominator is the subjects infused so far."""
+    rules = trial.rules.rules if trial.rules else ()
+    infused = len(trial.infusion_days)
+    return [r for r in rules if r.watches_infused and trial.trackers[r.id].infused(infused)]
 
 
 def _apply_status(trial: TrialState, subject: Subject, status: SubjectStatus) -> list[Rule]:
