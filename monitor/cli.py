@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "run"):
         parser.print_help()
         return EXIT_USAGE
-    err = Console(stderr=True, highlight=False)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
         return args.run(args)
     except (UsageError, ValueError) as exc:
@@ -48,9 +48,30 @@ def main(argv: list[str] | None = None) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="safety-monitor", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+    _add_demo(sub)
     _add_replay(sub)
     _add_rules(sub)
     return parser
+
+
+# --- demo -------------------------------------------------------------------------
+
+SAMPLE_LOG = Path(__file__).resolve().parent.parent / "examples" / "isc-19-29" / "events.jsonl"
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the whole pipeline on embedded defaults, fed the sample "
+                       "ISC.19.29 log")
+    p.add_argument("--log", default=str(SAMPLE_LOG), help="event log to feed (default: the "
+                   "sample ISC.19.29 log)")
+    p.add_argument("--rules", metavar="DIR", help="rules folder (default: MONITOR_RULES_DIR, "
+                   "else ./rules)")
+    p.set_defaults(run=run_demo)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    args.as_of, args.format = None, "table"
+    return run_replay(args)
 
 
 def _rules_dir(value: str | None) -> Path:
@@ -123,7 +144,7 @@ def _add_rules(sub: argparse._SubParsersAction) -> None:
 def run_rules_check(args: argparse.Namespace) -> int:
     folder = _rules_dir(args.dir)
     catalog = load_rules_dir(folder)
-    out = Console(highlight=False)
+    out = Console(highlight=False, soft_wrap=True)
     for path in rule_files(folder):
         out.print(f"[green]ok[/] {path}")
     for trial_id, rules in catalog.items():

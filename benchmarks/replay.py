@@ -1,0 +1,108 @@
+#!/usr/bin/env python3
+"""Replay throughput and peak memory against a bare ``orjson.loads`` loop.
+
+    python benchmarks/replay.py                 # >= 1,000,000 events (about 1,120 trials)
+    python benchmarks/replay.py --trials 100    # a quick look
+
+Generates a log with examples/generate.py (every trial gets the ISC.19.29 rules, so
+every event goes through the rules), then runs, each in a fresh process so that peak
+memory is its own: a bare loop of ``orjson.loads`` over the file's lines, and
+``replay`` of the same file. Prints events per second, the ratio, and peak RSS.
+Targets (issue #2): replay >= 25% of the bare rate (50% is where we want to be), peak
+memory under 1 GB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def bare(path: str) -> dict:
+    import orjson
+
+    count, start = 0, time.perf_counter()
+    with open(path, "rb") as log:
+        for line in log:
+            try:  # noqa: SIM105 - contextlib.suppress would slow the baseline down
+                orjson.loads(line)
+            except orjson.JSONDecodeError:
+                pass
+            count += 1
+    return {"events": count, "seconds": time.perf_counter() - start}
+
+
+def replayed(path: str, rules: str) -> dict:
+    from monitor.replay import open_log, read_lines, replay
+    from monitor.rules_loader import load_rules_dir
+
+    catalog = load_rules_dir(Path(rules))
+    start = time.perf_counter()
+    stream, _raw, _size = open_log(path)
+    with stream:
+        result = replay(read_lines(stream, path), catalog)
+    seconds = time.perf_counter() - start
+    report_start = time.perf_counter()
+    result.to_json()
+    return {"events": result.read, "seconds": seconds, "alerts": len(result.alerts),
+            "report_seconds": time.perf_counter() - report_start}
+
+
+def measure(kind: str, path: str, rules: str) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", kind, path, rules],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def child(kind: str, path: str, rules: str) -> None:
+    figures = bare(path) if kind == "bare" else replayed(path, rules)
+    figures["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(figures))
+
+
+def prepare(folder: Path, trials: int) -> tuple[str, str]:
+    log = folder / "events.jsonl"
+    subprocess.run([sys.executable, str(ROOT / "examples" / "generate.py"), "--trials",
+                    str(trials), "--out", str(log)], check=True)
+    rules = folder / "rules"
+    rules.mkdir()
+    template = (ROOT / "rules" / "isc-19-29.yaml").read_text()
+    for index in range(trials):
+        trial_id = "ISC.19.29" if index == 0 else f"SIM.{index:04d}"
+        (rules / f"{trial_id}.yaml").write_text(
+            template.replace("trial_id: ISC.19.29", f"trial_id: {trial_id}"))
+    return str(log), str(rules)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child(*sys.argv[2:5])
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--trials", type=int, default=1120, help="20 subjects, ~900 events each")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as folder:
+        print(f"generating {args.trials} trials ...", flush=True)
+        log, rules = prepare(Path(folder), args.trials)
+        base = measure("bare", log, rules)
+        ours = measure("replay", log, rules)
+    base_rate = base["events"] / base["seconds"]
+    our_rate = ours["events"] / ours["seconds"]
+    print(f"events:              {ours['events']:,} ({ours['alerts']:,} alert transitions)")
+    print(f"bare orjson.loads:   {base_rate:,.0f} events/s, peak RSS {base['peak_rss_mb']:,.0f} MB")
+    print(f"replay:              {our_rate:,.0f} events/s, peak RSS {ours['peak_rss_mb']:,.0f} MB"
+          f" (report built in {ours['report_seconds']:.1f} s)")
+    print(f"ratio:               {our_rate / base_rate:.1%} of the bare parse rate "
+          "(target >= 25%, aim 50%)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""``safety-monitor replay`` as users and their scripts call it (SPEC section 7)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from monitor.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "examples" / "isc-19-29" / "events.jsonl"
+RULES = ROOT / "rules"
+
+
+def replay_json(capsys: pytest.CaptureFixture, *args: str) -> dict:
+    assert main(["replay", *args, "--rules", str(RULES), "--format", "json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def final_rule_states(report: dict) -> dict:
+    return {trial: {rule_id: (r["state"], r["value"], r["threshold"], r["evidence"])
+                    for rule_id, r in body["rules"].items()}
+            for trial, body in report["trials"].items()}
+
+
+def per_trial_counts(report: dict) -> dict:
+    return {trial: (body["subjects"], body["primary_endpoint"], body["adverse_events"],
+                    body["events"]) for trial, body in report["trials"].items()}
+
+
+def test_sample_log_gives_the_documented_json_keys(capsys) -> None:
+    report = replay_json(capsys, str(SAMPLE))
+    assert {"as_of", "events", "trials", "alerts", "rejected"} <= set(report)
+    assert {"read", "accepted", "duplicates", "rejected"} <= set(report["events"])
+    isc = report["trials"]["ISC.19.29"]
+    assert set(isc["subjects"]) >= {"infused", "in_window", "window_completed", "withdrawn"}
+    assert set(isc["primary_endpoint"]) == {"ae", "sae", "subjects_with_ae",
+                                            "subjects_with_sae"}
+    assert set(isc["adverse_events"]) >= {"pre_treatment", "post_window", "retracted",
+                                          "imputed_onset", "by_grade"}
+    assert set(isc["adverse_events"]["by_grade"]) == {"1", "2", "3", "4", "5"}
+    for rule in isc["rules"].values():
+        assert {"kind", "severity", "state", "value", "threshold", "evidence"} <= set(rule)
+    for alert in report["alerts"]:
+        assert {"id", "trial_id", "rule_id", "severity", "transition", "event_id",
+                "recorded_at", "value", "threshold"} <= set(alert)
+        assert alert["transition"] in ("raised", "updated", "resolved")
+    assert isc["subjects"]["infused"] == 20
+    assert report["events"]["read"] == (report["events"]["accepted"] +
+                                        report["events"]["duplicates"] +
+                                        report["events"]["rejected"])
+
+
+def test_sample_log_breaches_and_resolves(capsys) -> None:
+    alerts = replay_json(capsys, str(SAMPLE))["alerts"]
+    transitions = {(a["rule_id"], a["transition"]) for a in alerts}
+    assert {("related-sae", "raised"), ("related-sae", "resolved"),
+            ("early-grade3", "raised"), ("early-grade3", "resolved")} <= transitions
+    raised = next(a for a in alerts if a["rule_id"] == "related-sae")
+    assert raised["id"] == "ISC.19.29/related-sae/1" and raised["severity"] == "halt"
+
+
+def test_shuffled_log_gives_the_same_counts_and_final_rule_states(capsys, tmp_path) -> None:
+    lines = SAMPLE.read_bytes().splitlines(keepends=True)
+    expected = replay_json(capsys, str(SAMPLE))
+    for seed in (1, 2, 3):
+        shuffled = list(lines)
+        random.Random(seed).shuffle(shuffled)
+        path = tmp_path / f"shuffled-{seed}.jsonl"
+        path.write_bytes(b"".join(shuffled))
+        got = replay_json(capsys, str(path))
+        assert per_trial_counts(got) == per_trial_counts(expected)
+        assert final_rule_states(got) == final_rule_states(expected)
+        assert got["as_of"] == expected["as_of"]
+
+
+def test_gzip_and_stdin_read_the_same(capsys, tmp_path) -> None:
+    plain = replay_json(capsys, str(SAMPLE))
+    packed = tmp_path / "events.jsonl.gz"
+    packed.write_bytes(gzip.compress(SAMPLE.read_bytes()))
+    assert replay_json(capsys, str(packed)) == plain
+    run = subprocess.run([sys.executable, "-m", "monitor.cli", "replay", "-", "--rules",
+                          str(RULES), "--format", "json"], input=SAMPLE.read_bytes(),
+                         capture_output=True, check=False)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout) == plain
+
+
+def test_broken_lines_are_listed_and_nothing_valid_is_lost(capsys, tmp_path) -> None:
+    good = [line for line in SAMPLE.read_bytes().splitlines()
+            if line.startswith(b"{") and line.endswith(b"}") and b'"grade":7' not in line]
+    broken = [b"garbage", b'{"type": "adverse_event"}', b'{"type":"infusion","trial_id":1}',
+              b"\xff\xfe not utf-8", b"[]"]
+    mixed = []
+    for index, line in enumerate(good):
+        mixed.append(line)
+        if index % 150 == 0 and broken:
+            mixed.append(broken.pop())
+    path = tmp_path / "broken.jsonl"
+    path.write_bytes(b"\n".join(mixed) + b"\n")
+    clean = tmp_path / "clean.jsonl"
+    clean.write_bytes(b"\n".join(good) + b"\n")
+    got, want = replay_json(capsys, str(path)), replay_json(capsys, str(clean))
+    assert got["events"]["rejected"] == 5 and len(got["rejected"]) == 5
+    for item in got["rejected"]:
+        assert mixed[item["line"] - 1].decode("utf-8", "replace") == item["raw"]
+        assert item["reason"] and "\n" not in item["reason"]
+    assert per_trial_counts(got) == per_trial_counts(want)
+    assert final_rule_states(got) == final_rule_states(want)
+
+
+def test_as_of_applies_only_what_was_known_then(capsys) -> None:
+    full = replay_json(capsys, str(SAMPLE))
+    early = replay_json(capsys, str(SAMPLE), "--as-of", "2021-06-01")
+    assert early["as_of"] == "2021-06-01T00:00:00+00:00"
+    assert early["events"]["after_as_of"] > 0
+    assert early["events"]["read"] == full["events"]["read"]
+    isc = early["trials"]["ISC.19.29"]
+    assert isc["subjects"]["infused"] < 20 and isc["subjects"]["in_window"] > 0
+    assert isc["subjects"]["window_completed"] == 0
+    assert all(a["recorded_at"] <= "2021-06-01T07:00:00+07:00" for a in early["alerts"])
+    assert isc["rules"]["related-sae"]["state"] == "ok"
+
+
+def test_table_form_shows_the_trial(capsys) -> None:
+    assert main(["replay", str(SAMPLE), "--rules", str(RULES)]) == 0
+    out = capsys.readouterr().out
+    assert "ISC.19.29" in out and "related-sae" in out and "Rejected lines (2)" in out
+
+
+@pytest.mark.parametrize("args, status, message", [
+    (["replay", "no/such/log.jsonl"], 1, "cannot open the log"),
+    (["replay", str(SAMPLE), "--as-of", "yesterday"], 2, "--as-of: 'yesterday' is not"),
+    (["replay", str(SAMPLE), "--as-of", "2021-06-01T00:00:00"], 2, "has no UTC offset"),
+    (["replay", str(SAMPLE), "--rules", "no/such/rules"], 2, "no such rules folder"),
+])
+def test_exit_status_and_one_line_errors(capsys, args, status, message) -> None:
+    assert main(args) == status
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_a_corrupt_gzip_log_exits_1(capsys, tmp_path) -> None:
+    path = tmp_path / "cut.jsonl.gz"
+    path.write_bytes(gzip.compress(SAMPLE.read_bytes())[:3000])
+    assert main(["replay", str(path), "--rules", str(RULES)]) == 1
+    assert "cannot be read to the end" in capsys.readouterr().err
+
+
+def test_a_bad_rules_folder_exits_2(capsys) -> None:
+    assert main(["replay", str(SAMPLE), "--rules", str(ROOT / "tests" / "rules_bad")]) == 2
+    assert "rules error" in capsys.readouterr().err
