@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
+from sys import intern
 from typing import NamedTuple
 
 import msgspec
@@ -54,13 +55,25 @@ class AeHistory(msgspec.Struct, array_like=True, gc=False):
         return self.versions[max(self.versions)]
 
 
+class Lab(NamedTuple):
+    """What the engine keeps of a lab result (the log or topic keeps the message)."""
+
+    test: str
+    value: float
+    unit: str
+    collected_on: dt.date
+    uln: float | None
+    lln: float | None
+    dialysis: bool | None
+
+
 class Subject(msgspec.Struct):
     subject_id: str
     infusions: list[Infusion] = []
     statuses: list[SubjectStatus] = []
     aes: dict[str, AeHistory] = {}
     reports: dict[str, RegulatoryReport] = {}
-    labs: list[LabResult] = []
+    labs: list[Lab] = []
     seen: set[str] = set()
 
     @property
@@ -154,6 +167,7 @@ def step(trial: TrialState, event: Event) -> tuple[TrialState, Changes]:
 
 
 def _apply_ae(trial: TrialState, subject: Subject, ae: AdverseEvent) -> list[Rule]:
+    _share_strings(trial, subject, ae)
     history = subject.aes.get(ae.ae_id)
     if history is None:
         subject.aes[ae.ae_id] = AeHistory({ae.version: ae})
@@ -166,6 +180,16 @@ def _apply_ae(trial: TrialState, subject: Subject, ae: AdverseEvent) -> list[Rul
         if history.current is before:
             return []
     return _track_ae(trial, subject.subject_id, ae if history is None else history.current)
+
+
+def _share_strings(trial: TrialState, subject: Subject, ae: AdverseEvent) -> None:
+    """Kept AEs share one copy of the strings that repeat (memory, not meaning)."""
+    ae.trial_id, ae.subject_id = trial.trial_id, subject.subject_id
+    ae.term = intern(ae.term)
+    if ae.meddra_pt is not None:
+        ae.meddra_pt = intern(ae.meddra_pt)
+    if ae.meddra_soc is not None:
+        ae.meddra_soc = intern(ae.meddra_soc)
 
 
 def _wins(ae: AdverseEvent, rival: AdverseEvent) -> bool:
@@ -202,7 +226,8 @@ def _apply_report(trial: TrialState, subject: Subject, report: RegulatoryReport)
 
 
 def _apply_lab(trial: TrialState, subject: Subject, lab: LabResult) -> list[Rule]:
-    subject.labs.append(lab)
+    subject.labs.append(Lab(intern(lab.test), lab.value, intern(lab.unit), lab.collected_on,
+                            lab.uln, lab.lln, lab.dialysis))
     return []
 
 

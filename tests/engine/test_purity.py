@@ -13,7 +13,7 @@ ENGINE = Path(__file__).resolve().parents[2] / "monitor" / "engine"
 SOURCES = sorted(ENGINE.glob("*.py"))
 
 ALLOWED_IMPORTS = {
-    "__future__", "bisect", "calendar", "collections", "dataclasses", "datetime",
+    "__future__", "bisect", "calendar", "sys", "collections", "dataclasses", "datetime",
     "functools", "itertools", "math", "operator", "re", "statistics", "typing", "types", "enum",
     "msgspec", "orjson", "pydantic", "yaml", "numpy", "scipy",
 }
