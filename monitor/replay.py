@@ -84,7 +84,7 @@ def replay(lines: Iterable[bytes], catalog: dict[str, TrialRules],
         elif as_of is not None and event.recorded_at > as_of:
             result.after_as_of += 1
         else:
-            outcome, alerts = apply(event)
+            outcome, _record, alerts = apply(event)
             if outcome is DUPLICATE:
                 result.duplicates += 1
                 continue

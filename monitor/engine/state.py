@@ -1,17 +1,20 @@
 """Per-trial state and the step function: ``step(trial, event) -> (trial, changes)``.
 
-The durable part of a trial's state is plain values, split so that what one event
-changes does not grow with the trial's history:
+The durable part of a trial's state is plain values, split into records so that what
+one event changes does not grow with the trial's history:
 
-* one `Subject` record per subject (its infusions, statuses, the winning message of each
-  AE version, regulatory reports, labs and the event ids it has seen);
-* one `LedgerEntry` per rule (alert episodes) and the trial's event counters.
+* per subject, a `SubjectHeader` (infusions, statuses, regulatory reports, event counts),
+  one `AeHistory` per AE (the winning message of each version) and one `LabSeries` per
+  lab test;
+* per trial, a `TrialRecord`: the alert ledger, one entry per rule.
 
-Everything else (`TrialState.trackers`, the infusion cache) is derived and rebuilt by
-`rebuild` after a restart. For speed, ``step`` updates the trial in place and returns
-it; it does no I/O and reads no clock, so the same events give the same state and the
-same alerts, in the worker and in replay.
+Each record remembers the ids (and stream positions) of the messages it took, so a
+repeated ``event_id`` is recognised as a duplicate, and a message redelivered by the
+broker after a crash (same id, same position) changes nothing and is not counted.
+Everything else (`TrialState.trackers`, caches) is derived and rebuilt by `rebuild`.
 
+For speed, ``step`` updates the trial in place and returns it; it does no I/O and reads
+no clock, so the same events give the same state and alerts in the worker and replay.
 Arrival order does not change the final state: the current version of an AE is the
 highest version number, and two messages with the same version are settled by the
 later ``recorded_at``, then the greater ``event_id``.
@@ -26,7 +29,7 @@ from typing import NamedTuple
 
 import msgspec
 
-from . import alerts
+from . import alerts, tracking
 from .events import (
     EVENT_TYPES,
     AdverseEvent,
@@ -36,18 +39,25 @@ from .events import (
     RegulatoryReport,
     SubjectStatus,
 )
-from .kinds import DosingWhileHalted, EvidenceItem, Rule
+from .kinds import Rule
 from .rules import TrialRules
 from .window import Placement, WindowLength, place_onset
 
-ACCEPTED, DUPLICATE = "accepted", "duplicate"
+ACCEPTED, DUPLICATE, REDELIVERED = "accepted", "duplicate", "redelivered"
+HEADER, AE, LAB = "header", "ae", "lab"
+_NEW = object()
 
 
-class AeHistory(msgspec.Struct, array_like=True, gc=False):
-    """The winning message of each version number of one AE, and how many messages lost
-    a tie on their version (conflicts)."""
+def _zero_by_type() -> dict[str, int]:
+    return dict.fromkeys(EVENT_TYPES, 0)
+
+
+class AeHistory(msgspec.Struct, gc=False):
+    """One AE: the winning message of each version number, the ids (and positions) of
+    every message taken, and how many lost a tie on their version (conflicts)."""
 
     versions: dict[int, AdverseEvent]
+    seen: dict[str, int | None]
     conflicts: int = 0
 
     @property
@@ -67,41 +77,69 @@ class Lab(NamedTuple):
     dialysis: bool | None
 
 
-class Subject(msgspec.Struct):
-    subject_id: str
+class LabSeries(msgspec.Struct, gc=False):
+    """The results of one lab test of one subject."""
+
+    results: list[Lab] = []
+    seen: dict[str, int | None] = {}
+
+
+class SubjectHeader(msgspec.Struct):
+    """A subject's infusions, statuses, reports and event counts."""
+
     infusions: list[Infusion] = []
     statuses: list[SubjectStatus] = []
-    aes: dict[str, AeHistory] = {}
     reports: dict[str, RegulatoryReport] = {}
-    labs: list[Lab] = []
-    seen: set[str] = set()
+    seen: dict[str, int | None] = {}
+    accepted: dict[str, int] = msgspec.field(default_factory=_zero_by_type)
+    duplicates: dict[str, int] = msgspec.field(default_factory=_zero_by_type)
+    last_recorded_at: dt.datetime | None = None
+    last_event_id: str | None = None
+
+
+@dataclass(slots=True)
+class Subject:
+    subject_id: str
+    header: SubjectHeader = field(default_factory=SubjectHeader)
+    aes: dict[str, AeHistory] = field(default_factory=dict)
+    labs: dict[str, LabSeries] = field(default_factory=dict)
+
+    @property
+    def infusions(self) -> list[Infusion]:
+        return self.header.infusions
+
+    @property
+    def statuses(self) -> list[SubjectStatus]:
+        return self.header.statuses
 
     @property
     def first_infusion(self) -> dt.date | None:
-        return min((i.infused_on for i in self.infusions), default=None)
+        return min((i.infused_on for i in self.header.infusions), default=None)
 
 
-def _zero_by_type() -> dict[str, int]:
-    return dict.fromkeys(EVENT_TYPES, 0)
+class TrialRecord(msgspec.Struct):
+    """The durable part of a trial that is not a subject's: the alert ledger."""
+
+    ledger: dict[str, alerts.LedgerEntry] = {}
 
 
 class Counts(msgspec.Struct):
-    """Events of one trial by outcome and type, and when the latest was recorded."""
+    """Events of one trial by outcome and type (derived: the sum of subject headers)."""
 
     accepted: dict[str, int] = msgspec.field(default_factory=_zero_by_type)
     duplicates: dict[str, int] = msgspec.field(default_factory=_zero_by_type)
     last_recorded_at: dt.datetime | None = None
+    last_event_id: str | None = None
 
 
 class Changes(NamedTuple):
-    """What one step did: accepted or duplicate, and the alert transitions it caused."""
+    """What one step did: accepted, duplicate or redelivered; which record of the
+    subject it changed besides the header (``(AE, ae_id)``, ``(LAB, test)`` or None);
+    and the alert transitions it caused."""
 
     outcome: str
+    record: tuple[str, str] | None = None
     alerts: tuple[alerts.AlertTransition, ...] = ()
-
-
-_DUPLICATE = Changes(DUPLICATE)
-_QUIET = Changes(ACCEPTED)
 
 
 @dataclass(slots=True)
@@ -110,8 +148,8 @@ class TrialState:
     rules: TrialRules | None = None
     subjects: dict[str, Subject] = field(default_factory=dict)
     ledger: dict[str, alerts.LedgerEntry] = field(default_factory=dict)
-    counts: Counts = field(default_factory=Counts)
     # derived, rebuilt by `rebuild`:
+    counts: Counts = field(default_factory=Counts)
     window: WindowLength = WindowLength()
     ae_rules: tuple[Rule, ...] = ()
     trackers: dict[str, object] = field(default_factory=dict)
@@ -123,63 +161,119 @@ class TrialState:
             return place_onset(ae.onset_earliest, ae.onset_latest, None, None)
         return place_onset(ae.onset_earliest, ae.onset_latest, known[0], known[1])
 
+    @property
+    def record(self) -> TrialRecord:
+        return TrialRecord(self.ledger)
 
-def new_trial(trial_id: str, rules: TrialRules | None) -> TrialState:
-    trial = TrialState(trial_id, rules)
+
+def new_trial(trial_id: str, rules: TrialRules | None, record: TrialRecord | None = None,
+              subjects: dict[str, Subject] | None = None) -> TrialState:
+    """A trial from its durable records (none for a new trial)."""
+    trial = TrialState(trial_id, rules, subjects or {}, dict(record.ledger) if record else {})
     return rebuild(trial)
 
 
 def rebuild(trial: TrialState) -> TrialState:
-    """Derive the trackers and caches from the durable state (after load or restart)."""
+    """Derive the trackers, caches and counts from the durable records."""
     rules = trial.rules.rules if trial.rules else ()
     for rule in rules:
         trial.ledger.setdefault(rule.id, alerts.LedgerEntry(rule.id, rule.severity))
     trial.window = trial.rules.window.length if trial.rules else WindowLength()
     trial.ae_rules = tuple(r for r in rules if r.watches_adverse_events)
     trial.trackers = {rule.id: rule.tracker() for rule in rules}
-    trial.infusion_days = {}
+    trial.infusion_days, trial.counts = {}, Counts()
     for subject in trial.subjects.values():
-        _cache_infusions(trial, subject)
-        _track_subject(trial, subject)
-    _track_infused(trial)
-    _track_halts(trial)
+        _count_header(trial.counts, subject.header)
+        tracking.cache_infusions(trial, subject)
+        tracking.track_subject(trial, subject)
+    tracking.track_infused(trial)
+    tracking.track_halts(trial)
     return trial
 
 
-def step(trial: TrialState, event: Event) -> tuple[TrialState, Changes]:
-    """Apply one valid event of this trial; return the trial and what changed."""
+def _count_header(counts: Counts, header: SubjectHeader) -> None:
+    for kind in EVENT_TYPES:
+        counts.accepted[kind] += header.accepted[kind]
+        counts.duplicates[kind] += header.duplicates[kind]
+    if header.last_recorded_at is not None and (
+            counts.last_recorded_at is None or header.last_recorded_at > counts.last_recorded_at):
+        counts.last_recorded_at = header.last_recorded_at
+        counts.last_event_id = header.last_event_id
+
+
+def step(trial: TrialState, event: Event,
+         position: int | None = None) -> tuple[TrialState, Changes]:
+    """Apply one valid event of this trial; return the trial and what changed.
+
+    ``position`` is where the message sits in its stream (partition and offset); a
+    message seen before at the same position is a redelivery, not a duplicate.
+    """
     subject = trial.subjects.get(event.subject_id)
     if subject is None:
         subject = trial.subjects[event.subject_id] = Subject(event.subject_id)
-    counts, kind = trial.counts, type(event)
-    if event.event_id in subject.seen:
-        counts.duplicates[_TAGS[kind]] += 1
-        return trial, _DUPLICATE
-    subject.seen.add(event.event_id)
-    counts.accepted[_TAGS[kind]] += 1
-    if counts.last_recorded_at is None or event.recorded_at > counts.last_recorded_at:
-        counts.last_recorded_at = event.recorded_at
+    kind = type(event)
+    seen, record = _SEEN[kind](subject, event)
+    known = seen.get(event.event_id, _NEW)
+    if known is not _NEW:
+        if position is not None and known == position:
+            return trial, Changes(REDELIVERED, record)
+        subject.header.duplicates[_TAGS[kind]] += 1
+        trial.counts.duplicates[_TAGS[kind]] += 1
+        return trial, Changes(DUPLICATE, record)
+    seen[event.event_id] = position
+    _count(trial.counts, subject.header, _TAGS[kind], event)
     dirty = _APPLY[kind](trial, subject, event)
     if not dirty:
-        return trial, _QUIET
-    found = _evaluate(trial, dirty, event)
-    return trial, Changes(ACCEPTED, tuple(found)) if found else _QUIET
+        return trial, Changes(ACCEPTED, record)
+    return trial, Changes(ACCEPTED, record, tuple(tracking.evaluate(trial, dirty, event)))
 
+
+def _count(counts: Counts, header: SubjectHeader, tag: str, event: Event) -> None:
+    header.accepted[tag] += 1
+    counts.accepted[tag] += 1
+    if header.last_recorded_at is None or event.recorded_at > header.last_recorded_at:
+        header.last_recorded_at, header.last_event_id = event.recorded_at, event.event_id
+        if counts.last_recorded_at is None or event.recorded_at > counts.last_recorded_at:
+            counts.last_recorded_at, counts.last_event_id = event.recorded_at, event.event_id
+
+
+# --- where each kind of message is remembered ----------------------------------------
+
+def _seen_ae(subject: Subject, ae: AdverseEvent) -> tuple[dict, tuple[str, str]]:
+    history = subject.aes.get(ae.ae_id)
+    if history is None:
+        history = subject.aes[ae.ae_id] = AeHistory({}, {})
+    return history.seen, (AE, ae.ae_id)
+
+
+def _seen_lab(subject: Subject, lab: LabResult) -> tuple[dict, tuple[str, str]]:
+    series = subject.labs.get(lab.test)
+    if series is None:
+        series = subject.labs[lab.test] = LabSeries()
+    return series.seen, (LAB, lab.test)
+
+
+def _seen_header(subject: Subject, _event: Event) -> tuple[dict, None]:
+    return subject.header.seen, None
+
+
+_SEEN = {AdverseEvent: _seen_ae, LabResult: _seen_lab, Infusion: _seen_header,
+         SubjectStatus: _seen_header, RegulatoryReport: _seen_header}
+
+
+# --- applying each kind of message ---------------------------------------------------
 
 def _apply_ae(trial: TrialState, subject: Subject, ae: AdverseEvent) -> list[Rule]:
     _share_strings(trial, subject, ae)
-    history = subject.aes.get(ae.ae_id)
-    if history is None:
-        subject.aes[ae.ae_id] = AeHistory({ae.version: ae})
-    else:
-        before = history.current
-        rival = history.versions.get(ae.version)
-        if rival is None or _wins(ae, rival):
-            history.versions[ae.version] = ae
-        history.conflicts += rival is not None
-        if history.current is before:
-            return []
-    return _track_ae(trial, subject.subject_id, ae if history is None else history.current)
+    history = subject.aes[ae.ae_id]
+    before = history.current if history.versions else None
+    rival = history.versions.get(ae.version)
+    if rival is None or _wins(ae, rival):
+        history.versions[ae.version] = ae
+    history.conflicts += rival is not None
+    if history.current is before:
+        return []
+    return tracking.track_ae(trial, subject.subject_id, history.current)
 
 
 def _share_strings(trial: TrialState, subject: Subject, ae: AdverseEvent) -> None:
@@ -197,37 +291,31 @@ def _wins(ae: AdverseEvent, rival: AdverseEvent) -> bool:
 
 
 def _apply_infusion(trial: TrialState, subject: Subject, infusion: Infusion) -> list[Rule]:
-    newly_infused = not subject.infusions
-    subject.infusions.append(infusion)
-    _cache_infusions(trial, subject)
-    dirty = _track_subject(trial, subject)
+    newly_infused = not subject.header.infusions
+    subject.header.infusions.append(infusion)
+    tracking.cache_infusions(trial, subject)
+    dirty = tracking.track_subject(trial, subject)
     if newly_infused:
-        dirty += _track_infused(trial)
-    return dirty + _track_halts(trial)
-
-
-def _track_infused(trial: TrialState) -> list[Rule]:
-    """Tell the rules whose denominator is the subjects infused so far."""
-    rules = trial.rules.rules if trial.rules else ()
-    infused = len(trial.infusion_days)
-    return [r for r in rules if r.watches_infused and trial.trackers[r.id].infused(infused)]
+        dirty += tracking.track_infused(trial)
+    return dirty + tracking.track_halts(trial)
 
 
 def _apply_status(trial: TrialState, subject: Subject, status: SubjectStatus) -> list[Rule]:
-    subject.statuses.append(status)
+    subject.header.statuses.append(status)
     return []
 
 
 def _apply_report(trial: TrialState, subject: Subject, report: RegulatoryReport) -> list[Rule]:
-    known = subject.reports.get(report.ae_id)
+    known = subject.header.reports.get(report.ae_id)
     if known is None or report.submitted_at < known.submitted_at:
-        subject.reports[report.ae_id] = report
+        subject.header.reports[report.ae_id] = report
     return []
 
 
 def _apply_lab(trial: TrialState, subject: Subject, lab: LabResult) -> list[Rule]:
-    subject.labs.append(Lab(intern(lab.test), lab.value, intern(lab.unit), lab.collected_on,
-                            lab.uln, lab.lln, lab.dialysis))
+    subject.labs[lab.test].results.append(
+        Lab(intern(lab.test), lab.value, intern(lab.unit), lab.collected_on, lab.uln,
+            lab.lln, lab.dialysis))
     return []
 
 
@@ -237,85 +325,16 @@ _APPLY = {AdverseEvent: _apply_ae, Infusion: _apply_infusion, SubjectStatus: _ap
           RegulatoryReport: _apply_report, LabResult: _apply_lab}
 
 
-def _cache_infusions(trial: TrialState, subject: Subject) -> None:
-    """(first infusion, last day of the window, every infusion day) of the subject."""
-    if subject.infusions:
-        days = sorted(i.infused_on for i in subject.infusions)
-        trial.infusion_days[subject.subject_id] = (days[0], trial.window.last_day(days[0]), days)
-
-
-def _track_ae(trial: TrialState, subject_id: str, ae: AdverseEvent) -> list[Rule]:
-    """Give the AE's current version to every rule that looks at AEs."""
-    if not trial.ae_rules:
+def reconcile(trial: TrialState) -> list[alerts.AlertTransition]:
+    """After loading durable records, the alert transitions the ledger has not recorded
+    yet (a crash between writing subjects and writing the ledger). They are attributed
+    to the trial's latest event. Nothing to do after a clean stop."""
+    if trial.rules is None or trial.counts.last_event_id is None:
         return []
-    placement = trial.placement(subject_id, ae)
-    known = trial.infusion_days.get(subject_id)
-    days = known[2] if known else ()
-    trackers, dirty, retracted = trial.trackers, [], ae.retracted
-    for rule in trial.ae_rules:
-        item = None if retracted else rule.evidence_for(subject_id, ae, placement, days)
-        if trackers[rule.id].set(subject_id, ae.ae_id, item):
-            dirty.append(rule)
-    return dirty
+    cause = _Cause(trial.counts.last_event_id, trial.counts.last_recorded_at)
+    return tracking.evaluate(trial, list(trial.rules.rules), cause)
 
 
-def _track_subject(trial: TrialState, subject: Subject) -> list[Rule]:
-    dirty: dict[str, Rule] = {}
-    for history in subject.aes.values():
-        for rule in _track_ae(trial, subject.subject_id, history.current):
-            dirty[rule.id] = rule
-    return list(dirty.values())
-
-
-def _track_halts(trial: TrialState) -> list[Rule]:
-    """Re-derive the rules that watch halts from every infusion and the halt episodes."""
-    dirty = []
-    rules = trial.rules.rules if trial.rules else ()
-    for rule in (r for r in rules if r.watches_halts):
-        periods = alerts.halt_periods(trial.ledger, exclude=rule.id)
-        tracker, changed = trial.trackers[rule.id], False
-        if not periods and not tracker.items:
-            continue  # no halt ever, nothing counted: nothing can change
-        for subject in trial.subjects.values():
-            for infusion in subject.infusions:
-                item = _dosing_item(subject.subject_id, infusion) \
-                    if DosingWhileHalted.during_halt(infusion.recorded_at, periods) else None
-                changed |= tracker.set(subject.subject_id, infusion.event_id, item)
-        if changed:
-            dirty.append(rule)
-    return dirty
-
-
-def _dosing_item(subject_id: str, infusion: Infusion) -> EvidenceItem:
-    return EvidenceItem(subject_id, infusion.event_id, f"infusion dose {infusion.dose_number}",
-                        None, None, None, None, infusion.infused_on, None)
-
-
-def _evaluate(trial: TrialState, dirty: list[Rule], event: Event) -> list[alerts.AlertTransition]:
-    out: list[alerts.AlertTransition] = []
-    if len(dirty) > 1:
-        order = [r.id for r in trial.rules.rules]
-        dirty = sorted({r.id: r for r in dirty}.values(), key=lambda r: order.index(r.id))
-    halted = _decide(trial, dirty, event, out)
-    if halted:
-        _decide(trial, _track_halts(trial), event, out)
-    return out
-
-
-def _decide(trial: TrialState, dirty: list[Rule], event: Event,
-            out: list[alerts.AlertTransition]) -> bool:
-    halt_changed = False
-    for rule in dirty:
-        entry, tracker = trial.ledger[rule.id], trial.trackers[rule.id]
-        if not entry.breached and not tracker.breached():
-            entry.value = tracker.value()  # ok before and after: no evidence to build
-            continue
-        result = tracker.result()
-        transition = alerts.decide(entry, result)
-        before = entry.evidence
-        alerts.record(entry, result, transition, event.recorded_at)
-        if transition is not None:
-            out.append(alerts.transition_of(trial.trial_id, rule, entry, before, result,
-                                            transition, event.event_id, event.recorded_at))
-            halt_changed |= rule.severity == "halt" and transition != alerts.UPDATED
-    return halt_changed
+class _Cause(NamedTuple):
+    event_id: str
+    recorded_at: dt.datetime

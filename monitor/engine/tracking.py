@@ -1,0 +1,109 @@
+"""Feeding the rules' trackers and deciding alert transitions, for `state.step`.
+
+Each function takes the trial state (`state.TrialState`) and the rules that changed;
+pure like the rest of the engine.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from . import alerts
+from .events import AdverseEvent, Infusion
+from .kinds import DosingWhileHalted, EvidenceItem, Rule
+
+if TYPE_CHECKING:
+    from .state import Subject, TrialState
+
+
+def cache_infusions(trial: TrialState, subject: Subject) -> None:
+    """(first infusion, last day of the window, every infusion day) of the subject."""
+    if subject.infusions:
+        days = sorted(i.infused_on for i in subject.infusions)
+        trial.infusion_days[subject.subject_id] = (days[0], trial.window.last_day(days[0]), days)
+
+
+def track_ae(trial: TrialState, subject_id: str, ae: AdverseEvent) -> list[Rule]:
+    """Give the AE's current version to every rule that looks at AEs."""
+    if not trial.ae_rules:
+        return []
+    placement = trial.placement(subject_id, ae)
+    known = trial.infusion_days.get(subject_id)
+    days = known[2] if known else ()
+    trackers, dirty, retracted = trial.trackers, [], ae.retracted
+    for rule in trial.ae_rules:
+        item = None if retracted else rule.evidence_for(subject_id, ae, placement, days)
+        if trackers[rule.id].set(subject_id, ae.ae_id, item):
+            dirty.append(rule)
+    return dirty
+
+
+def track_subject(trial: TrialState, subject: Subject) -> list[Rule]:
+    dirty: dict[str, Rule] = {}
+    for history in subject.aes.values():
+        for rule in track_ae(trial, subject.subject_id, history.current):
+            dirty[rule.id] = rule
+    return list(dirty.values())
+
+
+def track_infused(trial: TrialState) -> list[Rule]:
+    """Tell the rules whose denominator is the subjects infused so far."""
+    rules = trial.rules.rules if trial.rules else ()
+    infused = len(trial.infusion_days)
+    return [r for r in rules if r.watches_infused and trial.trackers[r.id].infused(infused)]
+
+
+def track_halts(trial: TrialState) -> list[Rule]:
+    """Re-derive the rules that watch halts from every infusion and the halt episodes."""
+    dirty = []
+    rules = trial.rules.rules if trial.rules else ()
+    for rule in (r for r in rules if r.watches_halts):
+        periods = alerts.halt_periods(trial.ledger, exclude=rule.id)
+        tracker, changed = trial.trackers[rule.id], False
+        if not periods and not tracker.items:
+            continue  # no halt ever, nothing counted: nothing can change
+        for subject in trial.subjects.values():
+            for infusion in subject.infusions:
+                item = _dosing_item(subject.subject_id, infusion) \
+                    if DosingWhileHalted.during_halt(infusion.recorded_at, periods) else None
+                changed |= tracker.set(subject.subject_id, infusion.event_id, item)
+        if changed:
+            dirty.append(rule)
+    return dirty
+
+
+def _dosing_item(subject_id: str, infusion: Infusion) -> EvidenceItem:
+    return EvidenceItem(subject_id, infusion.event_id, f"infusion dose {infusion.dose_number}",
+                        None, None, None, None, infusion.infused_on, None)
+
+
+def evaluate(trial: TrialState, dirty: list[Rule], event) -> list[alerts.AlertTransition]:  # noqa: ANN001
+    """Decide the transitions of the rules that changed, in rules-file order; ``event``
+    (anything with ``event_id`` and ``recorded_at``) is the cause."""
+    out: list[alerts.AlertTransition] = []
+    if len(dirty) > 1:
+        order = [r.id for r in trial.rules.rules]
+        dirty = sorted({r.id: r for r in dirty}.values(), key=lambda r: order.index(r.id))
+    halted = _decide(trial, dirty, event, out)
+    if halted:
+        _decide(trial, track_halts(trial), event, out)
+    return out
+
+
+def _decide(trial: TrialState, dirty: list[Rule], event,  # noqa: ANN001
+            out: list[alerts.AlertTransition]) -> bool:
+    halt_changed = False
+    for rule in dirty:
+        entry, tracker = trial.ledger[rule.id], trial.trackers[rule.id]
+        if not entry.breached and not tracker.breached():
+            entry.value = tracker.value()  # ok before and after: no evidence to build
+            continue
+        result = tracker.result()
+        transition = alerts.decide(entry, result)
+        before = entry.evidence
+        alerts.record(entry, result, transition, event.recorded_at)
+        if transition is not None:
+            out.append(alerts.transition_of(trial.trial_id, rule, entry, before, result,
+                                            transition, event.event_id, event.recorded_at))
+            halt_changed |= rule.severity == "halt" and transition != alerts.UPDATED
+    return halt_changed

@@ -1,0 +1,99 @@
+"""Durable records: a trial saved as table rows and loaded back is the same trial; a
+redelivered message is not a duplicate; a ledger that lags its subjects is reconciled."""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+
+from monitor.engine import records
+from monitor.engine.report import trial_report
+from monitor.engine.rules import parse_rules
+from monitor.engine.state import (
+    ACCEPTED,
+    DUPLICATE,
+    REDELIVERED,
+    new_trial,
+    reconcile,
+    step,
+)
+from monitor.replay import replay
+from monitor.rules_loader import load_rules_dir
+from tests.builders import TRIAL, ae, encode, event, infusion
+from tests.engine.test_state import RULES
+from tests.test_replay import RULES as RULES_DIR
+from tests.test_replay import SAMPLE
+
+RULES_ISC = parse_rules(RULES)
+AS_OF = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
+
+
+def rows_of(trial) -> list[tuple[str, bytes]]:
+    rows = []
+    for subject in trial.subjects.values():
+        changed = [("ae", a) for a in subject.aes] + [("lab", t) for t in subject.labs]
+        rows += list(records.subject_records(trial, subject.subject_id, changed))
+    return [*rows, records.trial_record(trial)]
+
+
+def test_a_saved_trial_loads_back_the_same() -> None:
+    catalog = load_rules_dir(RULES_DIR)
+    result = replay(SAMPLE.read_bytes().splitlines(), catalog)
+    trial = result.trials.trials["ISC.19.29"]
+    rows = rows_of(trial)
+    random.Random(4).shuffle(rows)
+    loaded = records.load_trial("ISC.19.29", catalog["ISC.19.29"], rows)
+    as_of = result.effective_as_of
+    assert trial_report(loaded, as_of) == trial_report(trial, as_of)
+    assert reconcile(loaded) == []
+    assert all(records.key_trial(key) == "ISC.19.29" for key, _ in rows)
+
+
+def test_each_record_is_small_whatever_the_history() -> None:
+    trial = new_trial(TRIAL, RULES_ISC)
+    step(trial, event(infusion("S1", "2021-01-01")))
+    sizes = []
+    for number in range(300):
+        message = ae("S1", f"A{number}", "2021-02-01", grade=1 + number % 3)
+        changes = step(trial, event(message))[1]
+        written = list(records.subject_records(trial, "S1", [changes.record]))
+        sizes.append(sum(len(value) for _, value in written if not _.startswith("s")))
+    assert max(sizes) == min(sizes) or max(sizes) - min(sizes) < 20
+
+
+def test_redelivery_at_the_same_position_is_neither_applied_nor_counted() -> None:
+    trial = new_trial(TRIAL, RULES_ISC)
+    message = event(infusion("S1", "2021-01-01"))
+    assert step(trial, message, position=7)[1].outcome == ACCEPTED
+    assert step(trial, message, position=7)[1].outcome == REDELIVERED
+    assert step(trial, message, position=9)[1].outcome == DUPLICATE
+    assert step(trial, message)[1].outcome == DUPLICATE
+    assert trial.counts.duplicates["infusion"] == 2 and trial.counts.accepted["infusion"] == 1
+
+
+def test_a_ledger_that_lags_its_subjects_is_reconciled_once() -> None:
+    trial = new_trial(TRIAL, RULES_ISC)
+    for message in (infusion("S1", "2021-01-01"), infusion("S2", "2021-01-01")):
+        step(trial, event(message))
+    stale = records.trial_record(trial)  # the ledger before the breach
+    breach = [ae("S1", "A", "2021-02-01", serious=True), ae("S2", "B", "2021-02-02",
+                                                          serious=True)]
+    raised = [a for m in breach for a in step(trial, event(m))[1].alerts]
+    assert [a.transition for a in raised] == ["raised"]
+    rows = [r for r in rows_of(trial) if not r[0].startswith("t")] + [stale]
+    loaded = records.load_trial(TRIAL, RULES_ISC, rows)
+    again = reconcile(loaded)
+    assert [(a.id, a.transition, a.sequence) for a in again] == [
+        (raised[0].id, "raised", raised[0].sequence)]
+    assert again[0].event_id == breach[-1]["event_id"]
+    assert reconcile(loaded) == []
+
+
+def test_records_keep_offsets_of_date_times() -> None:
+    trial = new_trial(TRIAL, RULES_ISC)
+    message = infusion("S1", "2021-01-01", recorded_at="2021-01-01T09:00:00+07:00")
+    step(trial, event(message))
+    loaded = records.load_trial(TRIAL, RULES_ISC, rows_of(trial))
+    assert loaded.subjects["S1"].infusions[0].recorded_at.isoformat() == \
+        "2021-01-01T09:00:00+07:00"
+    assert encode(message)  # the builder's message is valid JSON
