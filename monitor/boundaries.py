@@ -17,32 +17,47 @@ stable JSON (one object per rule, a list when there are several) or a PNG chart:
                                    "p1": {...}},
      "design": {"p0": 0.1, "p1": 0.3, "alpha": 0.1, "shape": 0.0, "looks": [1, ..., 20], ...}}
 
-The numbers all come from the pure engine; this module only arranges them.
+The numbers all come from the pure engine; this module only arranges them. For a rules
+file, `rule_report` shows a ``toxicity_boundary`` or ``bayesian`` rule and
+`observed_counts` the path a replayed log took. The command ``safety-monitor rules
+boundaries`` (`add_parser`, `run`) puts them together::
+
+    safety-monitor rules boundaries rules/isc-19-29.yaml --log events.jsonl --format png
+    safety-monitor rules boundaries --p0 0.1 --p1 0.3 --alpha 0.1 --looks 1-20 --shape pocock
 """
 
 from __future__ import annotations
 
+import argparse
+import datetime as dt
 import io
 import json
 import math
+import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 from rich.console import Console
 from rich.table import Table
 
-from monitor.engine import stats
+from monitor.engine import boundary_kinds, stats
+from monitor.engine.rules import TrialRules, parse_rules
+from monitor.engine.state import TrialState
 from monitor.engine.stats import Boundary, OperatingCharacteristics
+from monitor.engine.trials import Trials
+from monitor.replay import open_log, parse_as_of, read_lines, replay
+from monitor.rules_loader import load_rules_dir
+from monitor.settings import Settings
+
+if TYPE_CHECKING:  # matplotlib loads when a chart is drawn, not with the command line
+    from matplotlib.figure import Figure
 
 TOXICITY_BOUNDARY = "toxicity_boundary"
 BAYESIAN = "bayesian"
 DESIGN_RULE_ID = "design"
 FORMATS = ("table", "json", "png")
-_LOOKS_HINT = "give a range like 1-20, a list like 5,10,15,20, or both like 1-10,15,20"
 
 
 @dataclass(frozen=True)
@@ -50,7 +65,8 @@ class BoundaryReport:
     """One rule's boundary with its operating characteristics, ready to show.
 
     ``operating_characteristics`` maps a label ("p0", "p1") to the characteristics at that
-    rate; ``observed`` holds (subjects evaluated, subjects with the event so far) pairs.
+    rate; ``observed`` holds (subjects evaluated, subjects with the event so far) pairs,
+    known as of ``as_of``; ``trial`` is the trial of a rule from a rules file.
     """
 
     rule: str
@@ -59,31 +75,17 @@ class BoundaryReport:
     operating_characteristics: Mapping[str, OperatingCharacteristics]
     design: Mapping[str, object] = field(default_factory=dict)
     observed: tuple[tuple[int, int], ...] = ()
+    trial: str | None = None
+    as_of: str | None = None
 
 
 def parse_looks(text: str) -> tuple[int, ...]:
-    """Looks from ``1-20`` (after every subject), ``5,10,15,20`` (cohorts) or a mix."""
-    parts = [part.strip() for part in str(text).split(",")]
-    if not text or not text.strip():
-        raise ValueError(f"looks is empty; {_LOOKS_HINT}")
-    looks: list[int] = []
-    for part in parts:
-        looks.extend(_looks_in(part, text))
+    """Looks from ``1-20`` (after every subject), ``5,10,15,20`` (cohorts) or a mix; the
+    same syntax as a rule's ``looks:`` (`monitor.engine.boundary_kinds.parse_looks`)."""
     try:
-        return stats.checked_looks(looks)
+        return boundary_kinds.parse_looks(str(text))
     except ValueError as error:
         raise ValueError(f"looks {text!r}: {error}") from None
-
-
-def _looks_in(part: str, text: str) -> range:
-    first, dash, last = part.partition("-")
-    if not first.strip().isdigit() or (dash and not last.strip().isdigit()):
-        raise ValueError(f"looks {text!r}: {part!r} is not a whole number or a range; "
-                         f"{_LOOKS_HINT}")
-    start, stop = int(first), int(last) if dash else int(first)
-    if stop < start:
-        raise ValueError(f"looks {text!r}: the range {part!r} runs backwards")
-    return range(start, stop + 1)
 
 
 def design_from_args(
@@ -156,8 +158,11 @@ def to_json_obj(report: BoundaryReport) -> dict:
     }
     if boundary.cross_probability_p0 is not None:
         out["design"]["cross_probability_p0"] = boundary.cross_probability_p0
+    if report.trial is not None:
+        out["trial"] = report.trial
     if report.observed:
         out["observed"] = [{"subjects": n, "count": count} for n, count in report.observed]
+        out["observed_as_of"] = report.as_of
     return out
 
 
@@ -178,14 +183,33 @@ def to_table(reports: BoundaryReport | Sequence[BoundaryReport], width: int = 10
     """Plain-text tables for people: the boundary by looks, then its characteristics."""
     console = Console(file=io.StringIO(), width=width, color_system=None, force_terminal=False)
     for report in _as_list(reports):
-        console.print(f"{report.rule} ({report.kind})", highlight=False)
+        trial = f"{report.trial}: " if report.trial else ""
+        console.print(f"{trial}{report.rule} ({report.kind})", highlight=False)
         console.print(_design_text(report), highlight=False)
         console.print(_boundary_table(report))
         if _level_text(report.boundary):
             console.print(_level_text(report.boundary), highlight=False)
         console.print(_characteristics_table(report))
+        if report.observed:
+            console.print(_observed_text(report), highlight=False)
         console.print()
     return console.file.getvalue()
+
+
+def _observed_text(report: BoundaryReport) -> str:
+    """The count now against the boundary now, and where the path, subjects taken in order
+    of first infusion, reaches the boundary."""
+    subjects, count = report.observed[-1]
+    stop = report.boundary.stop_count(subjects)
+    verdict = ("no count can stop here" if stop is None else
+               f"stop at {stop}: {'CROSSED' if count >= stop else 'not crossed'}")
+    as_of = f" as of {report.as_of}" if report.as_of else ""
+    text = f"observed{as_of}: {count} of {subjects} subjects with the event; {verdict}"
+    crossed = [n for n, c in report.observed if report.boundary.is_crossed(n, c)]
+    if crossed:
+        text += (f"; in order of first infusion the count is at or past the boundary at "
+                 f"{_looks_text(crossed)} subjects")
+    return text
 
 
 def _boundary_table(report: BoundaryReport) -> Table:
@@ -248,6 +272,8 @@ def _runs(boundary: Boundary) -> list[tuple[str, int | None]]:
 def boundary_figure(reports: BoundaryReport | Sequence[BoundaryReport]) -> Figure:
     """The chart a DSMB expects: count that stops against subjects evaluated, one panel per
     rule, with the observed cumulative count drawn over it when there is one."""
+    from matplotlib.figure import Figure
+
     reports = _as_list(reports)
     figure = Figure(figsize=(7.5, 3.6 * len(reports)), layout="constrained")
     for axes, report in zip(figure.subplots(len(reports), 1, squeeze=False)[:, 0], reports,
@@ -257,6 +283,8 @@ def boundary_figure(reports: BoundaryReport | Sequence[BoundaryReport]) -> Figur
 
 
 def _draw(axes, report: BoundaryReport) -> None:  # noqa: ANN001 - matplotlib Axes
+    from matplotlib.ticker import MaxNLocator
+
     looks = list(report.boundary.looks)
     stops = [math.nan if s is None else s for s in report.boundary.stop_at]
     top = max([s for s in stops if not math.isnan(s)] + [c for _, c in report.observed] + [1]) + 1
@@ -266,8 +294,10 @@ def _draw(axes, report: BoundaryReport) -> None:  # noqa: ANN001 - matplotlib Ax
               label="boundary (stop at)", gid="boundary")
     if report.observed:
         _draw_observed(axes, report)
+    trial = f"{report.trial}: " if report.trial else ""
     axes.set(xlabel="subjects evaluated", ylabel="subjects with the event",
-             title=f"{report.rule} ({report.kind}): {_design_text(report)}", ylim=(0, top),
+             title=f"{trial}{report.rule} ({report.kind}): {_design_text(report)}",
+             ylim=(0, top),
              xlim=(0, max([looks[-1]] + [n for n, _ in report.observed]) + 0.5))
     axes.title.set_fontsize(8)
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -279,7 +309,8 @@ def _draw(axes, report: BoundaryReport) -> None:  # noqa: ANN001 - matplotlib Ax
 def _draw_observed(axes, report: BoundaryReport) -> None:  # noqa: ANN001 - matplotlib Axes
     subjects = [n for n, _ in report.observed]
     counts = [c for _, c in report.observed]
-    axes.step(subjects, counts, where="post", color="black", marker=".", label="observed",
+    label = f"observed as of {report.as_of}" if report.as_of else "observed"
+    axes.step(subjects, counts, where="post", color="black", marker=".", label=label,
               gid="observed")
     crossed = [(n, c) for n, c in report.observed if report.boundary.is_crossed(n, c)]
     if crossed:
@@ -289,6 +320,8 @@ def _draw_observed(axes, report: BoundaryReport) -> None:  # noqa: ANN001 - matp
 
 def write_png(reports: BoundaryReport | Sequence[BoundaryReport], out_path: str | Path) -> Path:
     """Write `boundary_figure` as a PNG; returns the path written."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     path = Path(out_path)
     FigureCanvasAgg(boundary_figure(reports)).print_png(str(path))
     return path
@@ -315,3 +348,182 @@ def _as_list(reports: BoundaryReport | Sequence[BoundaryReport]) -> list[Boundar
     if not listed:
         raise ValueError("no boundaries to show")
     return listed
+
+
+# --- rules from a file, the observed count from a log ----------------------------------
+
+def rule_report(rule: boundary_kinds.BoundaryRule, trial: str | None = None,
+                observed: Sequence[tuple[int, int]] = (), as_of: str | None = None,
+                ) -> BoundaryReport:
+    """The report of a ``toxicity_boundary`` or ``bayesian`` rule of a rules file."""
+    looks = rule.boundary.looks
+    if isinstance(rule, boundary_kinds.ToxicityBoundaryRule):
+        report = toxicity_report(rule.id, rule.p0, rule.p1, rule.alpha, looks, rule.shape,
+                                 observed)
+    else:
+        report = bayesian_report(rule.id, rule.rate, rule.probability, rule.prior.a,
+                                 rule.prior.b, looks, rule.p0, rule.p1, observed)
+    return replace(report, trial=trial, as_of=as_of if observed else None)
+
+
+def boundary_rules(catalog: Mapping[str, TrialRules], rule_id: str | None = None,
+                   ) -> list[tuple[str, boundary_kinds.BoundaryRule]]:
+    """(trial, rule) for every boundary rule of the catalog, or for the one named."""
+    every = [(trial, rule) for trial in sorted(catalog) for rule in catalog[trial].rules]
+    found = [(trial, rule) for trial, rule in every
+             if isinstance(rule, boundary_kinds.BoundaryRule)]
+    names = ", ".join(rule.id for _, rule in found) or "none"
+    if rule_id is None:
+        if not found:
+            raise ValueError(f"no {TOXICITY_BOUNDARY} or {BAYESIAN} rule to show")
+        return found
+    named = [(trial, rule) for trial, rule in every if rule.id == rule_id]
+    if not named:
+        raise ValueError(f"no rule '{rule_id}'; the boundary rules are: {names}")
+    if not isinstance(named[0][1], boundary_kinds.BoundaryRule):
+        raise ValueError(f"rule '{rule_id}' is a {named[0][1].kind} rule; boundaries exist for "
+                         f"{TOXICITY_BOUNDARY} and {BAYESIAN} rules: {names}")
+    return named
+
+
+def observed_counts(trial: TrialState, rule_id: str) -> tuple[tuple[int, int], ...]:
+    """The path to draw over a boundary: subjects in order of first infusion (ties by
+    subject id), and after each, how many of them have a matching AE as the trial knows
+    it now. Its last point is the engine's: subjects infused so far, the rule's count."""
+    with_event = trial.trackers[rule_id].items
+    order = sorted(trial.infusion_days, key=lambda subject: (trial.infusion_days[subject][0],
+                                                             subject))
+    path, count = [], 0
+    for evaluated, subject in enumerate(order, 1):
+        count += subject in with_event
+        path.append((evaluated, count))
+    return tuple(path)
+
+
+def replay_observed(log: str, as_of: dt.datetime | None, catalog: Mapping[str, TrialRules],
+                    ) -> tuple[Trials, str]:
+    """Replay ``log`` through the engine with these rules; the trials and the as-of."""
+    stream, _raw, _size = open_log(log)
+    with stream:
+        result = replay(read_lines(stream, log), dict(catalog), as_of)
+    return result.trials, result.effective_as_of.isoformat()
+
+
+# --- the command: safety-monitor rules boundaries -----------------------------------------
+
+DESIGN_OPTIONS = ("p0", "p1", "alpha", "looks", "shape")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """``rules boundaries``, under ``safety-monitor rules``."""
+    p = subparsers.add_parser(
+        "boundaries", help="stopping boundaries and operating characteristics, as a "
+        "table, JSON or a chart", description="The boundary table (subjects evaluated -> "
+        "stop at >= k) and its operating characteristics for the toxicity_boundary and "
+        "bayesian rules of a rules file, or for a design given with --p0 --p1 --alpha "
+        "--looks [--shape].")
+    p.add_argument("file", nargs="?", metavar="FILE", help="rules file or folder (default: "
+                   "MONITOR_RULES_DIR, else ./rules)")
+    p.add_argument("--rule", metavar="ID", help="only this rule")
+    p.add_argument("--format", choices=FORMATS, default="table")
+    p.add_argument("-o", "--output", metavar="PATH", help="write here instead of standard "
+                   "output (png default: TRIAL-boundaries.png or design-boundary.png)")
+    p.add_argument("--log", metavar="LOG", help="event log (as for replay) whose observed "
+                   "count is drawn and summarised over the boundary")
+    p.add_argument("--as-of", metavar="DATE", help="with --log: what was known then")
+    design = p.add_argument_group("design mode (no rules file)")
+    design.add_argument("--p0", metavar="RATE", help="acceptable event rate")
+    design.add_argument("--p1", metavar="RATE", help="unacceptable event rate")
+    design.add_argument("--alpha", metavar="PROB", help="crossing probability at p0")
+    design.add_argument("--looks", metavar="LOOKS", help="1-20 (after every subject) or "
+                        "5,10,15,20 (cohorts)")
+    design.add_argument("--shape", metavar="SHAPE", help="pocock (default), obrien-fleming "
+                        "or a number in [0, 0.5]")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if any(getattr(args, name) is not None for name in DESIGN_OPTIONS):
+        reports, default_png = [_design(args)], f"{DESIGN_RULE_ID}-boundary.png"
+    else:
+        reports = _from_rules(args)
+        trials = sorted({report.trial for report in reports})
+        default_png = f"{trials[0] if len(trials) == 1 else 'rules'}-boundaries.png"
+    _emit(reports, args.format, args.output, default_png)
+    return 0
+
+
+def _design(args: argparse.Namespace) -> BoundaryReport:
+    for given, name in ((args.file, "rules FILE"), (args.rule, "--rule"),
+                        (args.log, "--log"), (args.as_of, "--as-of")):
+        if given is not None:
+            raise ValueError(f"design mode (--p0 --p1 --alpha --looks) takes no {name}")
+    missing = [f"--{name}" for name in DESIGN_OPTIONS[:4] if getattr(args, name) is None]
+    if missing:
+        raise ValueError(f"design mode needs --p0, --p1, --alpha and --looks; missing "
+                         f"{', '.join(missing)}")
+    return design_from_args(_option_number("--p0", args.p0), _option_number("--p1", args.p1),
+                            _option_number("--alpha", args.alpha), args.looks,
+                            args.shape if args.shape is not None else "pocock")
+
+
+def _option_number(option: str, text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{option}: {text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{option}: {text!r} is not a finite number")
+    return value
+
+
+def _from_rules(args: argparse.Namespace) -> list[BoundaryReport]:
+    if args.as_of is not None and args.log is None:
+        raise ValueError("--as-of goes with --log: the date at which to replay the log")
+    catalog = load_catalog(args.file)
+    chosen = boundary_rules(catalog, args.rule)
+    if args.log is None:
+        return [rule_report(rule, trial) for trial, rule in chosen]
+    as_of = parse_as_of(args.as_of) if args.as_of else None
+    trials, as_of_text = replay_observed(args.log, as_of, catalog)
+    for trial_id in sorted({trial_id for trial_id, _ in chosen} - set(trials.trials)):
+        Console(stderr=True, highlight=False, soft_wrap=True).print(
+            f"[yellow]warning:[/] {args.log} holds no event of {trial_id}: nothing observed")
+    return [rule_report(rule, trial_id, observed_counts(trials.trials[trial_id], rule.id)
+                        if trial_id in trials.trials else (), as_of_text)
+            for trial_id, rule in chosen]
+
+
+def load_catalog(path: str | None) -> dict[str, TrialRules]:
+    """The rules of one file, or of every file of a folder (default: the rules folder)."""
+    if path is None:
+        return load_rules_dir(Settings().rules_dir)
+    source = Path(path)
+    if source.is_dir():
+        return load_rules_dir(source)
+    try:
+        text = source.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such rules file or folder") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: cannot read the rules file: {exc}") from None
+    rules = parse_rules(text, source=path)
+    return {rules.trial_id: rules}
+
+
+def _emit(reports: list[BoundaryReport], fmt: str, output: str | None,
+          default_png: str) -> None:
+    try:
+        if fmt == "png":
+            print(f"wrote {render(reports, fmt, output or default_png)}")
+            return
+        text = render(reports, fmt)
+        text = text if text.endswith("\n") else text + "\n"
+        if output is None:
+            sys.stdout.write(text)
+        else:
+            Path(output).write_text(text, encoding="utf-8")
+            print(f"wrote {output}")
+    except OSError as exc:
+        raise ValueError(f"{output or default_png}: cannot write: "
+                         f"{exc.strerror or exc}") from None

@@ -10,7 +10,8 @@ A kind is a frozen pydantic model (its fields are the rule file's keys) with two
 
 The engine feeds a tracker what the kind's ``watches_*`` flags ask for (see `Rule`).
 
-To add a kind, write its class below and add it to ``RULE_KINDS`` at the bottom.
+To add a kind, write its class (here, or beside it as `boundary_kinds` does) and add it
+to ``RULE_KINDS`` in `monitor.engine.rules`.
 """
 
 from __future__ import annotations
@@ -348,6 +349,3 @@ class DosingWhileHalted(Rule):
                     halts: list[tuple[dt.datetime, dt.datetime | None]]) -> bool:
         return any(start <= recorded_at and (end is None or recorded_at < end)
                    for start, end in halts)
-
-
-RULE_KINDS = (CountRule, ClusterRule, DosingWhileHalted)

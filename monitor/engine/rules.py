@@ -23,10 +23,12 @@ from pydantic import (
     model_validator,
 )
 
-from .kinds import RULE_KINDS, Rule
+from .boundary_kinds import BayesianRule, ToxicityBoundaryRule
+from .kinds import ClusterRule, CountRule, DosingWhileHalted, Rule
 from .window import WindowLength
 
 Address = Annotated[str, StringConstraints(pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")]
+RULE_KINDS = (CountRule, ClusterRule, DosingWhileHalted, ToxicityBoundaryRule, BayesianRule)
 AnyRule = Annotated[Union[RULE_KINDS], Field(discriminator="kind")]  # noqa: UP007
 
 

@@ -1,0 +1,202 @@
+"""Stopping-boundary rule kinds (SPEC section 4): ``toxicity_boundary`` and ``bayesian``.
+
+The numerator is the subjects with a matching AE, the denominator the subjects infused
+so far. Each rule computes its boundary once, when the rules load (`monitor.engine.stats`),
+so an event costs one comparison.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+from . import stats
+from .kinds import Rule, RuleResult, Tally
+
+LOOKS_HINT = "give a range like 1-20, a list like 5,10,15,20, or both like 1-10,15,20"
+
+
+def parse_looks(looks: str | Sequence[int]) -> tuple[int, ...]:
+    """The looks of a boundary, n_1 < ... < n_K subjects: a list, or text ``1-20`` (after
+    every subject), ``5,10,15,20`` (cohorts) or a mix ``1-10,15,20``; one number is
+    one look."""
+    if isinstance(looks, int) and not isinstance(looks, bool):
+        looks = [looks]
+    if not isinstance(looks, str):
+        return stats.checked_looks(looks)
+    if not looks.strip():
+        raise ValueError(f"is empty; {LOOKS_HINT}")
+    counts: list[int] = []
+    for part in (p.strip() for p in looks.split(",")):
+        first, dash, last = part.partition("-")
+        if not first.strip().isdigit() or (dash and not last.strip().isdigit()):
+            raise ValueError(f"{part!r} is not a whole number or a range; {LOOKS_HINT}")
+        start, stop = int(first), int(last) if dash else int(first)
+        if stop < start:
+            raise ValueError(f"the range {part!r} runs backwards")
+        counts.extend(range(start, stop + 1))
+    return stats.checked_looks(counts)
+
+
+class BoundaryRule(Rule):
+    """What ``toxicity_boundary`` and ``bayesian`` share. The numerator is the subjects with
+    a matching AE, the denominator the subjects infused so far (SPEC section 4). The
+    boundary is computed once, when the rules load: at ``looks`` (default: after every
+    subject up to ``planned_subjects``), the count that stops; between looks the latest
+    look's holds, and past the last look the last look's."""
+
+    planned_subjects: int | None = Field(None, ge=1)
+    looks: tuple[int, ...] | None = None
+
+    watches_infused: ClassVar[bool] = True
+    _boundary: stats.Boundary | None = PrivateAttr(None)
+
+    @field_validator("looks", mode="before")
+    @classmethod
+    def _parse_looks(cls, value: object) -> object:
+        return value if value is None else parse_looks(value)
+
+    @model_validator(mode="after")
+    def _compute_boundary(self) -> BoundaryRule:
+        planned, looks = self.planned_subjects, self.looks
+        if looks is None and planned is None:
+            raise ValueError("give 'planned_subjects' (a look after every subject) or 'looks'")
+        if looks is not None and planned is not None and looks[-1] != planned:
+            raise ValueError(f"the last look ({looks[-1]}) must be the planned_subjects "
+                             f"({planned})")
+        self._boundary = self.compute_boundary(looks or tuple(range(1, planned + 1)))
+        return self
+
+    @property
+    def boundary(self) -> stats.Boundary:
+        return self._boundary
+
+    def compute_boundary(self, looks: tuple[int, ...]) -> stats.Boundary:
+        raise NotImplementedError
+
+    def detail(self, subjects: int, count: int) -> dict:
+        """What the kind adds to the tracker's detail (its parameters, a posterior)."""
+        return {}
+
+    def tracker(self) -> BoundaryTracker:
+        return BoundaryTracker(self)
+
+
+def _rates_in_order(p0: float | None, p1: float | None) -> None:
+    if p0 is not None and p1 is not None and not p1 > p0:
+        raise ValueError(f"p1, the unacceptable rate, must be above p0 (got p0 {p0}, p1 {p1})")
+
+
+class ToxicityBoundaryRule(BoundaryRule):
+    """Continuous toxicity monitoring (Ivanova, Qaqish and Schell 2005; clinfun
+    ``toxbdry``): breached when the subjects with a matching AE reach the boundary's
+    ``stop_at`` for the subjects infused so far. The boundary crosses with probability at
+    most ``alpha`` when the true rate is ``p0``; ``p1``, the unacceptable rate, is for its
+    operating characteristics. ``shape``: pocock (default), obrien-fleming or a number in
+    [0, 0.5]."""
+
+    kind: Literal["toxicity_boundary"]
+    p0: float = Field(gt=0, lt=1)
+    p1: float = Field(gt=0, lt=1)
+    alpha: float = Field(gt=0, lt=1)
+    shape: float = stats.POCOCK
+
+    @field_validator("shape", mode="before")
+    @classmethod
+    def _parse_shape(cls, value: object) -> float:
+        if not isinstance(value, str | int | float):
+            raise ValueError("give pocock, obrien-fleming or a number in [0, 0.5]")
+        return stats.parse_shape(value)
+
+    @model_validator(mode="after")
+    def _p1_above_p0(self) -> ToxicityBoundaryRule:
+        _rates_in_order(self.p0, self.p1)
+        return self
+
+    def compute_boundary(self, looks: tuple[int, ...]) -> stats.Boundary:
+        return stats.toxicity_boundary(self.p0, self.alpha, looks, self.shape)
+
+    def detail(self, subjects: int, count: int) -> dict:
+        return {"p0": self.p0, "p1": self.p1, "alpha": self.alpha, "shape": self.shape}
+
+
+class BetaPrior(BaseModel):
+    """Beta(a, b): mean a / (a + b), worth a + b subjects of evidence."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    a: float = Field(gt=0, allow_inf_nan=False)
+    b: float = Field(gt=0, allow_inf_nan=False)
+
+
+class BayesianRule(BoundaryRule):
+    """Bayesian monitoring (Thall, Simon and Estey 1995): breached when, under the Beta
+    ``prior``, the posterior probability that the true rate of subjects with a matching AE
+    exceeds ``rate`` is above ``probability`` (the boundary holds the smallest such count
+    at each look). ``p0`` and ``p1``, optional, are the rates at which ``rules
+    boundaries`` shows its operating characteristics."""
+
+    kind: Literal["bayesian"]
+    rate: float = Field(gt=0, lt=1)
+    probability: float = Field(gt=0, lt=1)
+    prior: BetaPrior
+    p0: float | None = Field(None, gt=0, lt=1)
+    p1: float | None = Field(None, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _p1_above_p0(self) -> BayesianRule:
+        _rates_in_order(self.p0, self.p1)
+        return self
+
+    def compute_boundary(self, looks: tuple[int, ...]) -> stats.Boundary:
+        return stats.bayesian_boundary(self.rate, self.probability, self.prior.a,
+                                       self.prior.b, looks)
+
+    def detail(self, subjects: int, count: int) -> dict:
+        posterior = stats.posterior_probability_above(
+            self.rate, max(subjects, count), count, self.prior.a, self.prior.b)
+        return {"posterior_probability": posterior, "rate": self.rate,
+                "probability": self.probability,
+                "prior": {"a": self.prior.a, "b": self.prior.b}}
+
+
+class BoundaryTracker(Tally):
+    """Subjects with a matching AE against the boundary at the subjects infused so far.
+    ``infused`` looks the stop_at up once per newly infused subject, so ``breached`` is a
+    comparison; ``result`` builds the detail an alert carries."""
+
+    __slots__ = ("rule", "boundary", "subjects", "stop_at")
+
+    def __init__(self, rule: BoundaryRule) -> None:
+        super().__init__()
+        self.rule, self.boundary = rule, rule.boundary
+        self.subjects, self.stop_at = 0, None
+
+    def infused(self, subjects: int) -> bool:
+        """The subjects infused so far; True when that moves the count that stops."""
+        stop = self.boundary.stop_count(subjects)
+        changed = stop != self.stop_at
+        self.subjects, self.stop_at = subjects, stop
+        return changed
+
+    def value(self) -> int:
+        return len(self.items)
+
+    def breached(self) -> bool:
+        return self.stop_at is not None and len(self.items) >= self.stop_at
+
+    def result(self) -> RuleResult:
+        """The threshold is the count that stops now; where none can, one more than the
+        subjects infused (out of reach), and the detail's ``stop_at`` is None."""
+        count, stop, subjects = len(self.items), self.stop_at, self.subjects
+        detail = {
+            "subjects": subjects, "count": count, "stop_at": stop,
+            "look": max((n for n in self.boundary.looks if n <= subjects), default=None),
+            "planned_subjects": self.boundary.planned_subjects,
+            "proportion": count / subjects if subjects else None,
+            **self.rule.detail(subjects, count),
+        }
+        threshold = subjects + 1 if stop is None else stop
+        return RuleResult(count, threshold, self.breached(), self.all_items(), detail)
