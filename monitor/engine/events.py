@@ -203,6 +203,9 @@ def parse_event(raw: bytes | str) -> Event | Rejection:
         return _decoder.decode(raw)
     except msgspec.DecodeError as exc:
         return _explain(raw, exc)
+    except UnicodeDecodeError:
+        return Rejection(reason="not UTF-8 (a string holds an invalid byte); messages must be "
+                                "UTF-8 JSON")
 
 
 # --- the slow path: say what is wrong in a person's words --------------------------

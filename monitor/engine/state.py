@@ -52,12 +52,25 @@ def _zero_by_type() -> dict[str, int]:
     return dict.fromkeys(EVENT_TYPES, 0)
 
 
-class AeHistory(msgspec.Struct, gc=False):
-    """One AE: the winning message of each version number, the ids (and positions) of
-    every message taken, and how many lost a tie on their version (conflicts)."""
+class Seen(msgspec.Struct, gc=False):
+    """The messages a record took, by event id, with their stream positions (None in
+    replay), and the positions of later copies of the same id (the duplicates). Each
+    record carries its own, so it is always written together with what it counts."""
 
-    versions: dict[int, AdverseEvent]
-    seen: dict[str, int | None]
+    first: dict[str, int | None] = {}
+    again: dict[str, list[int | None]] = {}
+
+    def count(self) -> tuple[int, int]:
+        """(accepted, duplicates)."""
+        return len(self.first), sum(len(copies) for copies in self.again.values())
+
+
+class AeHistory(msgspec.Struct, gc=False):
+    """One AE: the winning message of each version number, the messages taken, and how
+    many lost a tie on their version (conflicts)."""
+
+    versions: dict[int, AdverseEvent] = {}
+    seen: Seen = msgspec.field(default_factory=Seen)
     conflicts: int = 0
 
     @property
@@ -81,18 +94,20 @@ class LabSeries(msgspec.Struct, gc=False):
     """The results of one lab test of one subject."""
 
     results: list[Lab] = []
-    seen: dict[str, int | None] = {}
+    seen: Seen = msgspec.field(default_factory=Seen)
+
+
+def _seen_by_type() -> dict[str, Seen]:
+    return {tag: Seen() for tag in ("infusion", "subject_status", "regulatory_report")}
 
 
 class SubjectHeader(msgspec.Struct):
-    """A subject's infusions, statuses, reports and event counts."""
+    """A subject's infusions, statuses and reports, and its latest event."""
 
     infusions: list[Infusion] = []
     statuses: list[SubjectStatus] = []
     reports: dict[str, RegulatoryReport] = {}
-    seen: dict[str, int | None] = {}
-    accepted: dict[str, int] = msgspec.field(default_factory=_zero_by_type)
-    duplicates: dict[str, int] = msgspec.field(default_factory=_zero_by_type)
+    seen: dict[str, Seen] = msgspec.field(default_factory=_seen_by_type)
     last_recorded_at: dt.datetime | None = None
     last_event_id: str | None = None
 
@@ -183,7 +198,7 @@ def rebuild(trial: TrialState) -> TrialState:
     trial.trackers = {rule.id: rule.tracker() for rule in rules}
     trial.infusion_days, trial.counts = {}, Counts()
     for subject in trial.subjects.values():
-        _count_header(trial.counts, subject.header)
+        _count_subject(trial.counts, subject)
         tracking.cache_infusions(trial, subject)
         tracking.track_subject(trial, subject)
     tracking.track_infused(trial)
@@ -191,10 +206,15 @@ def rebuild(trial: TrialState) -> TrialState:
     return trial
 
 
-def _count_header(counts: Counts, header: SubjectHeader) -> None:
-    for kind in EVENT_TYPES:
-        counts.accepted[kind] += header.accepted[kind]
-        counts.duplicates[kind] += header.duplicates[kind]
+def _count_subject(counts: Counts, subject: Subject) -> None:
+    header = subject.header
+    records = [*((tag, seen) for tag, seen in header.seen.items()),
+               *(("adverse_event", h.seen) for h in subject.aes.values()),
+               *(("lab_result", series.seen) for series in subject.labs.values())]
+    for tag, seen in records:
+        accepted, duplicates = seen.count()
+        counts.accepted[tag] += accepted
+        counts.duplicates[tag] += duplicates
     if header.last_recorded_at is not None and (
             counts.last_recorded_at is None or header.last_recorded_at > counts.last_recorded_at):
         counts.last_recorded_at = header.last_recorded_at
@@ -213,14 +233,10 @@ def step(trial: TrialState, event: Event,
         subject = trial.subjects[event.subject_id] = Subject(event.subject_id)
     kind = type(event)
     seen, record = _SEEN[kind](subject, event)
-    known = seen.get(event.event_id, _NEW)
+    known = seen.first.get(event.event_id, _NEW)
     if known is not _NEW:
-        if position is not None and known == position:
-            return trial, Changes(REDELIVERED, record)
-        subject.header.duplicates[_TAGS[kind]] += 1
-        trial.counts.duplicates[_TAGS[kind]] += 1
-        return trial, Changes(DUPLICATE, record)
-    seen[event.event_id] = position
+        return trial, Changes(_repeat(trial, seen, event, position, _TAGS[kind]), record)
+    seen.first[event.event_id] = position
     _count(trial.counts, subject.header, _TAGS[kind], event)
     dirty = _APPLY[kind](trial, subject, event)
     if not dirty:
@@ -228,8 +244,20 @@ def step(trial: TrialState, event: Event,
     return trial, Changes(ACCEPTED, record, tuple(tracking.evaluate(trial, dirty, event)))
 
 
+def _repeat(trial: TrialState, seen: Seen, event: Event, position: int | None,
+            tag: str) -> str:
+    """A message whose id the record took before: a redelivery of a message at a
+    position already taken, else a duplicate (counted, and its position kept)."""
+    copies = seen.again.get(event.event_id)
+    if position is not None and (seen.first[event.event_id] == position or
+                                 (copies is not None and position in copies)):
+        return REDELIVERED
+    seen.again.setdefault(event.event_id, []).append(position)
+    trial.counts.duplicates[tag] += 1
+    return DUPLICATE
+
+
 def _count(counts: Counts, header: SubjectHeader, tag: str, event: Event) -> None:
-    header.accepted[tag] += 1
     counts.accepted[tag] += 1
     if header.last_recorded_at is None or event.recorded_at > header.last_recorded_at:
         header.last_recorded_at, header.last_event_id = event.recorded_at, event.event_id
@@ -239,22 +267,22 @@ def _count(counts: Counts, header: SubjectHeader, tag: str, event: Event) -> Non
 
 # --- where each kind of message is remembered ----------------------------------------
 
-def _seen_ae(subject: Subject, ae: AdverseEvent) -> tuple[dict, tuple[str, str]]:
+def _seen_ae(subject: Subject, ae: AdverseEvent) -> tuple[Seen, tuple[str, str]]:
     history = subject.aes.get(ae.ae_id)
     if history is None:
-        history = subject.aes[ae.ae_id] = AeHistory({}, {})
+        history = subject.aes[ae.ae_id] = AeHistory()
     return history.seen, (AE, ae.ae_id)
 
 
-def _seen_lab(subject: Subject, lab: LabResult) -> tuple[dict, tuple[str, str]]:
+def _seen_lab(subject: Subject, lab: LabResult) -> tuple[Seen, tuple[str, str]]:
     series = subject.labs.get(lab.test)
     if series is None:
         series = subject.labs[lab.test] = LabSeries()
     return series.seen, (LAB, lab.test)
 
 
-def _seen_header(subject: Subject, _event: Event) -> tuple[dict, None]:
-    return subject.header.seen, None
+def _seen_header(subject: Subject, event: Event) -> tuple[Seen, None]:
+    return subject.header.seen[_TAGS[type(event)]], None
 
 
 _SEEN = {AdverseEvent: _seen_ae, LabResult: _seen_lab, Infusion: _seen_header,

@@ -80,6 +80,8 @@ BAD = [
     (b"not json", "not JSON"),
     (b'{"type": "adverse_event", ', "not JSON"),
     (b"", "empty message"),
+    (b'{"type": "\xff"}', "not UTF-8"),
+    (b'{"type": "infusion", "subject_id": "\xc3\x28"}', "not UTF-8"),
     (b"[1, 2]", "not a JSON object (got array)"),
     (b'"text"', "not a JSON object (got string)"),
     ({**GOOD_AE, "grade": 7}, "adverse_event.grade: 7 is not a CTCAE grade (1-5)"),
