@@ -1,0 +1,89 @@
+"""The embedded broker and mailbox, exercised for real: tansu, aiokafka, aiosmtplib."""
+
+import uuid
+from email.message import EmailMessage
+
+import aiosmtplib
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from monitor.embedded import EmbeddedBroker, LocalMailbox, kafka_metadata_probe
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def test_broker_answers_kafka_metadata(kafka_broker: str) -> None:
+    host, port = kafka_broker.removeprefix("kafka://").split(":")
+    assert kafka_metadata_probe(host, int(port))
+
+
+async def test_a_message_round_trips_through_the_broker(kafka_bootstrap_servers: str) -> None:
+    topic = unique("round-trip")
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap_servers, acks="all")
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, b'{"type": "infusion"}', key=b"ISC.19.29")
+    finally:
+        await producer.stop()
+
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=kafka_bootstrap_servers,
+        group_id=unique("round-trip-group"),
+        auto_offset_reset="earliest",
+    )
+    await consumer.start()
+    try:
+        record = await consumer.getone()
+    finally:
+        await consumer.stop()
+    assert (record.key, record.value) == (b"ISC.19.29", b'{"type": "infusion"}')
+
+
+async def test_broker_started_in_an_event_loop_stops_on_exit() -> None:
+    async with EmbeddedBroker() as broker:
+        assert broker.url == f"kafka://127.0.0.1:{broker.port}"
+        assert kafka_metadata_probe(broker.host, broker.port)
+    assert broker.pid is None
+    assert not kafka_metadata_probe(broker.host, broker.port)
+
+
+def alert_email(to: str) -> EmailMessage:
+    message = EmailMessage()
+    message["From"] = "monitor@example.org"
+    message["To"] = to
+    message["Subject"] = "[HALT] ISC.19.29 related-sae breached"
+    message.set_content("2 related SAEs, threshold 2.\n")
+    return message
+
+
+async def test_mailbox_stores_a_sent_message_as_eml(smtp_server: LocalMailbox) -> None:
+    await aiosmtplib.send(
+        alert_email("dsmb@example.org"),
+        hostname=smtp_server.host,
+        port=smtp_server.port,
+        recipients=["dsmb@example.org", "bcc-safety@example.org"],
+    )
+
+    [stored] = smtp_server.message_files()
+    [message] = smtp_server.messages()
+    assert stored.suffix == ".eml"
+    assert message["Subject"] == "[HALT] ISC.19.29 related-sae breached"
+    assert message.get_content() == "2 related SAEs, threshold 2.\n"
+    assert message["X-RcptTo"] == "dsmb@example.org, bcc-safety@example.org"
+
+
+async def test_mailbox_outage_refuses_mail_then_recovers_on_the_same_port(
+    smtp_server: LocalMailbox,
+) -> None:
+    port = smtp_server.port
+    smtp_server.stop()
+    with pytest.raises(aiosmtplib.SMTPConnectError):
+        await aiosmtplib.send(alert_email("dsmb@example.org"), hostname="127.0.0.1", port=port)
+
+    smtp_server.start()
+    await aiosmtplib.send(alert_email("dsmb@example.org"), hostname="127.0.0.1", port=port)
+    assert smtp_server.port == port
+    assert len(smtp_server.messages()) == 1
