@@ -11,6 +11,7 @@ from pathlib import Path
 import orjson
 from rich.console import Console
 
+from .cli_email import add_email_command, add_send_email_options, replay_outbox
 from .engine.rules import RulesError
 from .replay import LogUnreadable, open_log, parse_as_of, read_lines, replay
 from .rules_loader import load_rules_dir, rule_files
@@ -49,8 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="safety-monitor", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     _add_demo(sub)
+    _add_worker(sub)
+    _add_publish(sub)
     _add_replay(sub)
     _add_rules(sub)
+    add_email_command(sub)
     return parser
 
 
@@ -78,6 +82,75 @@ def _rules_dir(value: str | None) -> Path:
     return Path(value) if value else Settings().rules_dir
 
 
+# --- worker and publish -----------------------------------------------------------
+
+def _settings_help() -> str:
+    lines = ["settings (environment variables):"]
+    for name, info in Settings.model_fields.items():
+        default = "unset" if info.default is None else info.default
+        about = f": {info.description}" if info.description else ""
+        lines.append(f"  MONITOR_{name.upper():<26} default {default}{about}")
+    return "\n".join(lines)
+
+
+def _add_worker(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("worker", help="run the stream worker", epilog=_settings_help(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Consume safety.events, apply the stopping rules, keep the "
+                       "state in changelog-backed tables, send alerts; serve /status, "
+                       "/metrics, /healthz and /readyz. Without MONITOR_BROKER it starts an "
+                       "embedded local broker.")
+    p.add_argument("--broker", help="kafka://host:port (MONITOR_BROKER)")
+    p.add_argument("--rules", metavar="DIR", help="rules folder (MONITOR_RULES_DIR)")
+    p.add_argument("--web-port", type=int, help="web port (MONITOR_WEB_PORT)")
+    p.add_argument("--state-dir", help="local table store (MONITOR_STATE_DIR)")
+    p.add_argument("--loglevel", default="warning", help="faust log level (default warning)")
+    p.set_defaults(run=run_worker)
+
+
+def settings_from(args: argparse.Namespace, **extra: object) -> Settings:
+    """Settings from the environment, overridden by the options a person typed."""
+    typed = {"broker": getattr(args, "broker", None), "rules_dir": getattr(args, "rules", None),
+             "web_port": getattr(args, "web_port", None),
+             "state_dir": getattr(args, "state_dir", None), **extra}
+    return Settings(**{k: v for k, v in typed.items() if v is not None})
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    from .runner import run_worker_process
+
+    settings = settings_from(args)
+    catalog = load_rules_dir(settings.rules_dir)
+    return run_worker_process(settings, catalog, args.loglevel)
+
+
+def _add_publish(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("publish", help="send a JSON-lines log to the events topic",
+                       description="Send every line of a log (gzip or plain, - for stdin) "
+                       "to the events topic, keyed by trial_id.")
+    p.add_argument("log", help="JSON-lines log, .gz or plain, or - for standard input")
+    p.add_argument("--broker", help="kafka://host:port (default MONITOR_BROKER)")
+    p.set_defaults(run=run_publish)
+
+
+def run_publish(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .publish import publish
+
+    settings = settings_from(args)
+    if settings.broker is None:
+        raise UsageError("no broker: give --broker kafka://host:port or set MONITOR_BROKER")
+    stream, raw, size = open_log(args.log)
+    with stream:
+        lines = read_lines(stream, args.log)
+        sent = asyncio.run(publish(settings.broker, settings.events_topic,
+                                   _with_progress(lines, raw, size or 0) if size and
+                                   sys.stderr.isatty() else lines, settings.partitions))
+    Console(stderr=True).print(f"published {sent} events to {settings.events_topic}")
+    return EXIT_OK
+
+
 # --- replay -----------------------------------------------------------------------
 
 def _add_replay(sub: argparse._SubParsersAction) -> None:
@@ -90,18 +163,34 @@ def _add_replay(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--as-of", metavar="DATE", help="what the sponsor knew then: ISO date "
                    "(00:00 UTC) or date-time with offset; default: the last recorded_at")
     p.add_argument("--format", choices=("table", "json"), default="table")
+    p.add_argument("--metrics-port", type=int, metavar="PORT", help="serve the replay's "
+                   "Prometheus metrics at http://MONITOR_WEB_HOST:PORT/metrics while it runs")
+    p.add_argument("--metrics-hold", type=float, default=0, metavar="SECONDS", help="with "
+                   "--metrics-port: keep serving this long after the report (Ctrl-C stops)")
+    add_send_email_options(p)
     p.set_defaults(run=run_replay)
 
 
 def run_replay(args: argparse.Namespace) -> int:
+    from .metrics import ReplayExporter
+
+    port, hold = getattr(args, "metrics_port", None), getattr(args, "metrics_hold", 0)
+    with ReplayExporter(port, Settings().web_host, hold) as exporter:
+        return _replay_and_report(args, exporter)
+
+
+def _replay_and_report(args: argparse.Namespace, exporter) -> int:  # noqa: ANN001
     as_of = parse_as_of(args.as_of) if args.as_of else None
     catalog = load_rules_dir(_rules_dir(args.rules))
+    outbox = replay_outbox(args, catalog)  # None unless --send-email
     stream, raw, size = open_log(args.log)
     with stream:
         lines = read_lines(stream, args.log)
         if size and size > 20_000_000 and sys.stderr.isatty():
             lines = _with_progress(lines, raw, size)
-        result = replay(lines, catalog, as_of)
+        result = replay(lines, catalog, as_of, on_alert=outbox and outbox.add,
+                        trials=outbox and outbox.trials)
+    exporter.record(result, catalog)
     report = result.to_json()
     if args.format == "json":
         sys.stdout.buffer.write(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
@@ -112,7 +201,9 @@ def run_replay(args: argparse.Namespace) -> int:
         if not console.is_terminal:
             console = Console(width=160)
         print_report(report, console)
-    return EXIT_OK
+    status = outbox.send() if outbox else EXIT_OK
+    exporter.linger(Console(stderr=True, highlight=False).print)
+    return status
 
 
 def _with_progress(lines, raw, size):  # noqa: ANN001, ANN202
@@ -138,6 +229,9 @@ def _add_rules(sub: argparse._SubParsersAction) -> None:
     check.add_argument("dir", nargs="?", help="rules folder (default: MONITOR_RULES_DIR, "
                        "else ./rules)")
     check.set_defaults(run=run_rules_check)
+    from .boundaries import add_parser as add_boundaries_parser
+
+    add_boundaries_parser(rsub)
     rules.set_defaults(run=lambda _args: (rules.print_help(), EXIT_USAGE)[1])
 
 

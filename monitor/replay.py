@@ -70,9 +70,11 @@ def alert_json(alert: AlertTransition, line: int | None = None) -> dict:
 
 def replay(lines: Iterable[bytes], catalog: dict[str, TrialRules],
            as_of: dt.datetime | None = None,
-           on_alert: Callable[[AlertTransition], None] | None = None) -> ReplayResult:
-    """Run a log through the engine. ``lines`` are raw lines, numbered from 1."""
-    result = ReplayResult(Trials(catalog), as_of)
+           on_alert: Callable[[AlertTransition], None] | None = None,
+           trials: Trials | None = None) -> ReplayResult:
+    """Run a log through the engine. ``lines`` are raw lines, numbered from 1. Pass
+    ``trials`` to see the trials' state from ``on_alert`` (e-mail shows their counts)."""
+    result = ReplayResult(trials if trials is not None else Trials(catalog), as_of)
     apply = result.trials.apply
     for number, raw in enumerate(lines, 1):
         if raw.isspace() or not raw:

@@ -34,8 +34,14 @@ class Settings(BaseSettings):
     session_timeout: float = Field(10.0, gt=0, description="seconds before a dead worker's "
                                                            "partitions move to another")
     heartbeat_interval: float = Field(1.0, gt=0)
+    batch_size: int = Field(1000, ge=1, description="events the worker steps before it "
+                                                    "writes its table once")
+    batch_within: float = Field(0.2, gt=0, description="seconds to wait for a batch to fill")
     clock_interval: float = Field(60.0, gt=0, description="seconds between wall-clock checks "
                                                           "of time-based states")
+    broker_is_tansu: bool = Field(False, description="the broker is tansu (dev and tests): "
+                                  "send one record per produce batch, because tansu reports a "
+                                  "partition's end offset as its last batch's first offset + 1")
     smtp_host: str | None = Field(None, description="SMTP server; unset = embedded local "
                                                     "mailbox in the demo, no e-mail otherwise")
     smtp_port: int = Field(25, ge=1, le=65535)
@@ -43,7 +49,14 @@ class Settings(BaseSettings):
     smtp_user: str | None = None
     smtp_password: SecretStr | None = None
     smtp_from: str = "safety-monitor@localhost"
-    smtp_timeout: float = Field(30.0, gt=0)
+    smtp_timeout: float = Field(30.0, gt=0, description="seconds for each SMTP command")
+    smtp_ca_file: Path | None = Field(None, description="CA bundle (PEM) that signs the SMTP "
+                                                        "server's certificate, for a private "
+                                                        "relay; unset = the system's CAs")
+    smtp_retry_initial: float = Field(1.0, gt=0, description="first back-off ceiling (s) after "
+                                                             "a transient SMTP failure")
+    smtp_retry_max: float = Field(300.0, gt=0, description="largest back-off ceiling (s); "
+                                                           "attempts go on until delivered")
     mail_dir: Path = Field(Path(".mail"), description="where the embedded mailbox keeps .eml "
                                                       "files")
 

@@ -1,0 +1,94 @@
+"""Starting the worker process: the embedded broker when none is configured, the
+metrics bundle, the e-mail notifier when SMTP is configured, then faust's Worker."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from .engine.rules import TrialRules
+from .settings import Settings
+
+
+@contextlib.contextmanager
+def broker_for(settings: Settings) -> Iterator[Settings]:
+    """The settings with a broker: the configured one, else an embedded local one."""
+    if settings.broker is not None:
+        yield settings
+        return
+    from .embedded import EmbeddedBroker
+
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    # the embedded broker keeps its data in memory: table state on disk from an earlier
+    # run would not match it, so this run's state lives in a folder of its own
+    with EmbeddedBroker() as broker, tempfile.TemporaryDirectory(
+            prefix="embedded-", dir=settings.state_dir) as state_dir:
+        print(f"embedded broker (tansu) at {broker.url}; set MONITOR_BROKER for a real one",
+              flush=True)
+        yield settings.model_copy(update={"broker": broker.url, "broker_is_tansu": True,
+                                          "state_dir": Path(state_dir)})
+
+
+def run_worker_process(settings: Settings, catalog: dict[str, TrialRules],
+                       loglevel: str = "warning") -> int:
+    from faust.worker import Worker
+
+    from .stream import build_app
+
+    with broker_for(settings) as settings:
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        # table writes come in batches larger than faust's 100-message producer buffer;
+        # its "buffer full" warning is routine here, not a problem
+        logging.getLogger("faust.transport.producer").setLevel(logging.ERROR)
+        app, _pipeline = build_app(settings, catalog, **_extras(settings, catalog))
+        worker = Worker(app, loglevel=loglevel, redirect_stdouts=False, quiet=True)
+        try:
+            worker.execute_from_commandline()
+        except SystemExit as exc:
+            return int(exc.code or 0)
+    return 0
+
+
+def _extras(settings: Settings, catalog: dict[str, TrialRules]) -> dict:
+    """The metrics bundle, and the e-mail agent when SMTP is configured."""
+    from .metrics import Metrics, new_registry
+
+    metrics = Metrics(new_registry())
+    metrics.watch(catalog)
+    extras: dict = {"metrics": metrics}
+    if settings.smtp_host:
+        extras["notifier"] = email_agent(settings, catalog, metrics)
+    return extras
+
+
+def email_agent(settings: Settings, catalog: dict[str, TrialRules], metrics: object):  # noqa: ANN201
+    """Adds the agent that e-mails each alert transition once (a notification log in a
+    table for rebalances, and a local fsynced file for a crash on this host)."""
+    import orjson
+
+    from .notify import (
+        CombinedLog,
+        JsonLinesLog,
+        MappingLog,
+        Notifier,
+        SmtpSender,
+        alert_from_payload,
+    )
+
+    def add(app, alerts_topic) -> None:  # noqa: ANN001
+        sent = app.Table("notifications", key_type=str, value_type=dict,
+                         partitions=settings.partitions)
+        log = CombinedLog(JsonLinesLog(settings.state_dir / "notifications.jsonl"),
+                          MappingLog(sent))
+        notifier = Notifier(catalog, SmtpSender(settings), log,
+                            on_outcome=getattr(metrics, "observe_email", None))
+
+        @app.agent(alerts_topic)
+        async def email(stream) -> None:  # noqa: ANN001
+            async for value in stream:
+                await notifier.notify(*alert_from_payload(orjson.loads(value)))
+
+    return add

@@ -1,0 +1,155 @@
+"""The stream worker against a real Kafka-compatible broker (tansu on loopback).
+
+Each test starts real `safety-monitor worker` processes and compares what they hold
+(GET /status) and what they emit (the alerts topic) with `replay` of the same log.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+from tests.integration.workers import (
+    ROOT,
+    Topics,
+    Worker,
+    accepted,
+    alerts_on,
+    comparable,
+    expected,
+    read_topic,
+    send,
+    transitions,
+    wait_for,
+)
+
+
+def generator():  # noqa: ANN201
+    spec = importlib.util.spec_from_file_location("generate", ROOT / "examples" / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def awkward_log(trials: int, seed: int) -> list[bytes]:
+    """Generated trials plus what streams really bring: follow-ups before the version
+    they follow, redelivered duplicates, and broken lines."""
+    lines = list(generator().lines(trials, 20, seed, bad_lines=2))
+    rng = random.Random(seed)
+    by_ae: dict[tuple, int] = {}
+    for index, line in enumerate(lines):
+        doc = orjson.loads(line) if line.startswith(b"{") and line.endswith(b"}") else {}
+        if doc.get("type") == "adverse_event":
+            if doc["version"] == 2 and (doc["ae_id"], 1) in by_ae:
+                first = by_ae[(doc["ae_id"], 1)]
+                lines[first], lines[index] = lines[index], lines[first]  # v2 arrives first
+            by_ae[(doc["ae_id"], doc["version"])] = index
+    for _ in range(10):
+        lines.insert(rng.randrange(len(lines)), rng.choice(lines))
+    lines[rng.randrange(len(lines)):0] = [b"{not json", b'{"type": "nonsense"}']
+    return lines
+
+
+def settled(worker_list: list[Worker], total: int) -> dict | None:
+    merged: dict = {}
+    for worker in worker_list:
+        merged.update(worker.status())
+    return merged if accepted(merged) >= total else None
+
+
+def events_in(lines: list[bytes]) -> int:
+    """How many lines are valid events (what the workers accept or count as duplicates)."""
+    from monitor.engine.events import Rejection, parse_event
+
+    return sum(type(parse_event(line)) is not Rejection for line in lines)
+
+
+@pytest.fixture
+def topics() -> Topics:
+    return Topics()
+
+
+def test_stream_and_replay_agree(kafka_broker: str, topics: Topics, tmp_path: Path) -> None:
+    lines = awkward_log(trials=3, seed=11)
+    worker = Worker(kafka_broker, topics, tmp_path / "state").start()
+    try:
+        worker.wait_ready()
+        assert send(kafka_broker, topics.events, lines) == len(lines)
+        status = wait_for(lambda: settled([worker], events_in(lines)), 90, "all events")
+        report, alerts = expected(lines)
+        assert comparable(status) == comparable(report)
+        assert transitions(alerts_on(kafka_broker, topics.alerts)) == transitions(alerts)
+        dead = [orjson.loads(m.value) for m in read_topic(kafka_broker, topics.dead)]
+        assert len(dead) == len(lines) - events_in(lines) >= 4
+        assert all(d["reason"] and "offset" in d and d["raw"] is not None for d in dead)
+    finally:
+        worker.stop()
+
+
+def test_crash_recovery(kafka_broker: str, topics: Topics, tmp_path: Path) -> None:
+    lines = awkward_log(trials=12, seed=12)
+    total = events_in(lines)
+    first = Worker(kafka_broker, topics, tmp_path / "state").start()
+    try:
+        first.wait_ready()
+        send(kafka_broker, topics.events, lines)
+        wait_for(lambda: 0 < accepted(first.status()) < total * 0.8 or None, 60, "some progress")
+        first.kill()
+        killed_at = time.monotonic()
+        done_before = accepted(first.status())  # 0: it is dead; keep for the record
+        second = Worker(kafka_broker, topics, tmp_path / "state").start()
+        second.wait_ready(90)
+        consuming = wait_for(lambda: accepted(second.status()) > 0 and time.monotonic(), 60,
+                             "the restarted worker consuming")
+        restart_seconds = consuming - killed_at
+        print(f"restart after SIGKILL: consuming again after {restart_seconds:.1f} s")
+        assert restart_seconds < 30
+        status = wait_for(lambda: settled([second], total), 120, "all events after restart")
+        report, alerts = expected(lines)
+        assert comparable(status) == comparable(report)
+        emitted = alerts_on(kafka_broker, topics.alerts)
+        keys = [a["key"] for a in emitted]
+        assert len(keys) == len(set(keys)), "an alert transition was emitted twice"
+        assert {a["key"] for a in alerts} == set(keys)
+        assert done_before == 0
+    finally:
+        first.kill()
+        if "second" in locals():
+            second.stop()
+
+
+def test_scale_out_and_take_over(kafka_broker: str, topics: Topics, tmp_path: Path) -> None:
+    lines = awkward_log(trials=8, seed=13)
+    half = len(lines) // 2
+    workers = [Worker(kafka_broker, topics, tmp_path / f"state-{n}").start() for n in (1, 2)]
+    try:
+        for worker in workers:
+            worker.wait_ready(90)
+        send(kafka_broker, topics.events, lines[:half])
+        wait_for(lambda: settled(workers, events_in(lines[:half])), 120, "first half")
+        held = [set(w.status()) for w in workers]
+        assert held[0] and held[1] and not held[0] & held[1], held  # both work, no overlap
+        workers[0].kill()
+        send(kafka_broker, topics.events, lines[half:])
+        try:
+            status = wait_for(lambda: settled(workers[1:], events_in(lines)), 120, "take-over")
+        except AssertionError:
+            got, (want, _) = workers[1].status(), expected(lines)
+            print("survivor:", accepted(got), "of", events_in(lines), workers[1].get("/readyz"))
+            for trial in want:
+                if trial not in got or got[trial]["events"] != want[trial]["events"]:
+                    print(trial, got.get(trial, {}).get("events"), want[trial]["events"])
+            raise
+        report, alerts = expected(lines)
+        assert comparable(status) == comparable(report)
+        emitted = alerts_on(kafka_broker, topics.alerts)
+        assert {a["key"] for a in emitted} == {a["key"] for a in alerts}
+        assert len(emitted) == len({a["key"] for a in emitted})
+    finally:
+        for worker in workers:
+            worker.stop()
