@@ -65,17 +65,28 @@ SAMPLE_LOG = Path(__file__).resolve().parent.parent / "examples" / "isc-19-29" /
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the whole pipeline on embedded defaults, fed the sample "
-                       "ISC.19.29 log")
+                       "ISC.19.29 log", description="Start a local broker (unless "
+                       "MONITOR_BROKER is set), a local mailbox that keeps each e-mail as an "
+                       ".eml file (unless MONITOR_SMTP_HOST is set) and the worker; publish "
+                       "the log; print where to look. Ctrl-C stops everything.")
     p.add_argument("--log", default=str(SAMPLE_LOG), help="event log to feed (default: the "
                    "sample ISC.19.29 log)")
-    p.add_argument("--rules", metavar="DIR", help="rules folder (default: MONITOR_RULES_DIR, "
-                   "else ./rules)")
+    p.add_argument("--rules", metavar="DIR", help="rules folder (MONITOR_RULES_DIR)")
+    p.add_argument("--web-port", type=int, help="the worker's web port (MONITOR_WEB_PORT)")
+    p.add_argument("--exit-when-done", action="store_true", help="stop once the log is "
+                   "processed and the e-mails are out, instead of running until Ctrl-C")
     p.set_defaults(run=run_demo)
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    args.as_of, args.format = None, "table"
-    return run_replay(args)
+    from .demo import run_demo as demo
+
+    settings = settings_from(args)
+    load_rules_dir(settings.rules_dir)  # a bad rules file stops here, with its message
+    log = Path(args.log)
+    if not log.is_file():
+        raise LogUnreadable(f"{log}: no such log")
+    return demo(settings, log, args.exit_when_done)
 
 
 def _rules_dir(value: str | None) -> Path:

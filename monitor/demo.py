@@ -1,0 +1,155 @@
+"""``demo``: the whole pipeline on embedded defaults, fed the sample ISC.19.29 log.
+
+A local Kafka-compatible broker (unless MONITOR_BROKER is set), a local SMTP server that
+keeps each message as an .eml file (unless MONITOR_SMTP_HOST is set), the worker with
+its web port, and the log published to the events topic. It prints where to look and
+runs until Ctrl-C, which stops everything it started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from rich.console import Console
+
+from .embedded import LocalMailbox
+from .engine.events import Rejection, parse_event
+from .publish import publish
+from .runner import broker_for
+from .settings import Settings
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The settings as MONITOR_* variables, for a child process."""
+    env = {}
+    for name, value in settings.model_dump().items():
+        if value is None:
+            continue
+        if hasattr(value, "get_secret_value"):
+            value = value.get_secret_value()
+        env[f"MONITOR_{name.upper()}"] = str(value).lower() if isinstance(value, bool) \
+            else str(value)
+    return env
+
+
+@contextlib.contextmanager
+def mailbox_for(settings: Settings) -> Iterator[tuple[Settings, Path | None]]:
+    """The settings with an SMTP server: the configured one, else a local mailbox."""
+    if settings.smtp_host:
+        yield settings, None
+        return
+    folder = settings.mail_dir / dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    with LocalMailbox(folder) as mailbox:
+        yield settings.model_copy(update={"smtp_host": mailbox.host, "smtp_port": mailbox.port,
+                                          "smtp_tls": "none"}), folder
+
+
+@contextlib.contextmanager
+def worker_process(settings: Settings, log_path: Path) -> Iterator[subprocess.Popen]:
+    env = {**os.environ, **settings_env(settings)}
+    with log_path.open("ab") as log:
+        process = subprocess.Popen([sys.executable, "-m", "monitor.cli", "worker"], env=env,
+                                   stdout=log, stderr=subprocess.STDOUT)
+        try:
+            yield process
+        finally:
+            process.terminate()
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def get_json(url: str) -> tuple[int, object]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, None
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return 0, None
+
+
+def wait_until(check: Callable[[], object], timeout: float, what: str,
+               process: subprocess.Popen, log_path: Path) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the worker stopped while {what}; its log: {log_path}")
+        value = check()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise RuntimeError(f"timed out while {what}; the worker's log: {log_path}")
+
+
+def processed(status: object) -> int:
+    if not isinstance(status, dict):
+        return 0
+    return sum(sum(t["events"]["accepted"].values()) + sum(t["events"]["duplicates"].values())
+               for t in status.values())
+
+
+def run_demo(settings: Settings, log_path: Path, exit_when_done: bool) -> int:
+    out = Console(highlight=False, soft_wrap=True)
+    lines = [line for line in log_path.read_bytes().splitlines() if line.strip()]
+    valid = sum(type(parse_event(line)) is not Rejection for line in lines)
+    with broker_for(settings) as settings, mailbox_for(settings) as (settings, mail_dir):
+        base = f"http://{settings.web_host}:{settings.web_port}"
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        worker_log = settings.state_dir / "worker.log"
+        with worker_process(settings, worker_log) as worker:
+            out.print(f"worker starting (log: {worker_log}) ...")
+            wait_until(lambda: get_json(f"{base}/readyz")[0] == 200, 120, "starting",
+                       worker, worker_log)
+            sent = asyncio.run(publish(settings.broker, settings.events_topic, lines,
+                                       settings.partitions))
+            out.print(f"published {sent} events of {log_path} to {settings.events_topic}")
+            status = wait_until(lambda: (s := get_json(f"{base}/status")[1]) and
+                                processed(s) >= valid and s, 180, "processing the log",
+                                worker, worker_log)
+            _summary(out, status, base, mail_dir)
+            if not exit_when_done:
+                out.print("\n[bold]Running. Ctrl-C stops the worker, the broker and the "
+                          "mailbox.[/]")
+                with contextlib.suppress(KeyboardInterrupt):
+                    while worker.poll() is None:
+                        time.sleep(1)
+            elif mail_dir is not None:
+                _wait_for_mail(mail_dir)
+    return 0
+
+
+def _summary(out: Console, status: dict, base: str, mail_dir: Path | None) -> None:
+    for trial_id, trial in status.items():
+        rules = ", ".join(f"{rule_id} {rule['state']}" for rule_id, rule in
+                          trial["rules"].items())
+        endpoint = trial["primary_endpoint"]
+        out.print(f"[bold]{trial_id}[/]: {trial['subjects']['infused']} subjects infused; "
+                  f"in-window AEs {endpoint['ae']}, SAEs {endpoint['sae']}; rules: {rules}")
+    out.print(f"status:  {base}/status\nmetrics: {base}/metrics\nhealth:  {base}/healthz, "
+              f"{base}/readyz")
+    if mail_dir is not None:
+        out.print(f"e-mails: {mail_dir} (one .eml file per alert e-mail)")
+
+
+def _wait_for_mail(mail_dir: Path, quiet_for: float = 5.0) -> None:
+    """Give the e-mail agent time to send what the alerts asked for (it is in no hurry:
+    the demo's --exit-when-done only stops once the mailbox has been quiet a while)."""
+    last, since = -1, time.monotonic()
+    while time.monotonic() - since < quiet_for:
+        count = len(list(mail_dir.glob("*.eml")))
+        if count != last:
+            last, since = count, time.monotonic()
+        time.sleep(0.5)
