@@ -7,7 +7,9 @@
 Generates a log with examples/generate.py (every trial gets the ISC.19.29 rules, so
 every event goes through the rules), then runs, each in a fresh process so that peak
 memory is its own: a bare loop of ``orjson.loads`` over the file's lines, and
-``replay`` of the same file. Prints events per second, the ratio, and peak RSS.
+``replay`` of the same file, interleaved ``--repeat`` times; the best of each counts
+(a busy machine slows a run, never speeds it up). Prints events per second, the
+ratio, and peak RSS.
 Targets (issue #2): replay >= 25% of the bare rate (50% is where we want to be), peak
 memory under 1 GB.
 """
@@ -88,12 +90,16 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--trials", type=int, default=1120, help="20 subjects, ~900 events each")
+    parser.add_argument("--repeat", type=int, default=2, help="runs of each measurement")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         print(f"generating {args.trials} trials ...", flush=True)
         log, rules = prepare(Path(folder), args.trials)
-        base = measure("bare", log, rules)
-        ours = measure("replay", log, rules)
+        runs = [(measure("bare", log, rules), measure("replay", log, rules))
+                for _ in range(args.repeat)]  # interleaved: both see the same machine
+    base = max((b for b, _ in runs), key=lambda f: f["events"] / f["seconds"])
+    ours = max((r for _, r in runs), key=lambda f: f["events"] / f["seconds"])
+    print(f"runs:                {args.repeat} of each, interleaved; the best of each shown")
     base_rate = base["events"] / base["seconds"]
     our_rate = ours["events"] / ours["seconds"]
     print(f"events:              {ours['events']:,} ({ours['alerts']:,} alert transitions)")

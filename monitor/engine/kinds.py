@@ -69,6 +69,9 @@ class RuleResult(NamedTuple):
         return tuple(item.key for item in self.evidence)
 
 
+Check = Callable[[AdverseEvent, Placement, Sequence[dt.date]], bool]
+
+
 class Match(BaseModel):
     """Which adverse events a rule looks at. Every condition given must hold."""
 
@@ -88,24 +91,32 @@ class Match(BaseModel):
     def model_post_init(self, _context: object) -> None:
         self._checks = tuple(self._compile())
 
+    @property
+    def checks(self) -> tuple[Check, ...]:
+        """The conditions besides the window, compiled once: they run for every AE."""
+        return self._checks
+
     def matches(self, ae: AdverseEvent, placement: Placement,
                 infusions: Sequence[dt.date]) -> bool:
-        """All given conditions hold. Compiled once per rule: this runs for every AE."""
+        """All given conditions hold."""
+        if placement.onset is None or (self.in_window and placement.period != IN_WINDOW):
+            return False
         for check in self._checks:  # noqa: SIM110 - a loop is faster than all(genexpr)
             if not check(ae, placement, infusions):
                 return False
         return True
 
-    def _compile(self) -> Iterator[Callable[[AdverseEvent, Placement, Sequence[dt.date]], bool]]:
-        if self.in_window:
-            yield lambda ae, p, d: p.period == IN_WINDOW
-        else:
-            yield lambda ae, p, d: p.onset is not None
+    def _compile(self) -> Iterator[Check]:
         if (grade := self.grade_min) is not None:
             yield lambda ae, p, d: ae.grade >= grade
-        for name in ("serious", "related", "fatal"):
-            if (wanted := getattr(self, name)) is not None:
-                yield lambda ae, p, d, name=name, wanted=wanted: getattr(ae, name) is wanted
+        if (serious := self.serious) is not None:
+            yield lambda ae, p, d: ae.serious is serious
+        if (related := self.related) is not None:
+            yield lambda ae, p, d: (ae.relatedness is None or ae.relatedness in RELATED) \
+                is related
+        if (fatal := self.fatal) is not None:
+            yield lambda ae, p, d: (ae.grade == 5 or ae.outcome == "fatal" or
+                                    "death" in ae.serious_criteria) is fatal
         if (expected := self.expected) is not None:
             yield lambda ae, p, d: (ae.expected is True) is expected
         if criteria := frozenset(self.serious_criteria):
@@ -151,9 +162,19 @@ class Rule(BaseModel):
 
     def evidence_for(self, subject_id: str, ae: AdverseEvent, placement: Placement,
                      infusions: Sequence[dt.date]) -> EvidenceItem | None:
-        """The evidence item this AE (current, not retracted) adds, or None."""
+        """The evidence item this AE (current, not retracted) adds, or None. The engine
+        runs the same steps inline (`tracking.track_ae`), for speed."""
         if not self.match.matches(ae, placement, infusions):
             return None
+        if any(not check(ae, placement, infusions) for check in self.extra_checks()):
+            return None
+        return self.item(subject_id, ae, placement)
+
+    def extra_checks(self) -> tuple[Check, ...]:
+        """Conditions the kind adds to its ``match``."""
+        return ()
+
+    def item(self, subject_id: str, ae: AdverseEvent, placement: Placement) -> EvidenceItem:
         return EvidenceItem(subject_id, ae.ae_id, ae.term, ae.grade, ae.serious,
                             ae.relatedness, placement.day, placement.onset,
                             self.group_of(ae))
@@ -192,6 +213,11 @@ class Tally:
     def breached(self) -> bool:
         """Cheap: whether the rule is breached now, without building its evidence."""
         return self.value() >= self.rule.threshold
+
+    def evidence_keys(self) -> tuple[str, ...]:
+        """The keys of `result`'s evidence, without building it (what an update compares)."""
+        return tuple(f"{subject_id}/{key}" for subject_id in sorted(self.items)
+                     for key in sorted(self.items[subject_id]))
 
     def all_items(self) -> tuple[EvidenceItem, ...]:
         return tuple(sorted((i for m in self.items.values() for i in m.values()), key=_order))
@@ -244,9 +270,10 @@ class ClusterRule(Rule):
     def group_of(self, ae: AdverseEvent) -> str | None:
         return ae.meddra_soc if self.by == "soc" else ae.meddra_pt
 
-    def evidence_for(self, subject_id, ae, placement, infusions):  # noqa: ANN001
-        item = super().evidence_for(subject_id, ae, placement, infusions)
-        return item if item is not None and item.group else None
+    def extra_checks(self) -> tuple[Check, ...]:
+        if self.by == "soc":
+            return (lambda ae, p, d: bool(ae.meddra_soc),)
+        return (lambda ae, p, d: bool(ae.meddra_pt),)
 
     def tracker(self) -> ClusterTracker:
         return ClusterTracker(self)
@@ -282,7 +309,8 @@ class ClusterTracker(Tally):
         for group in self.dirty:
             members = self.groups.get(group)
             if members:
-                self.best[group] = densest_window(members, self.rule.within_days)
+                size, window = densest_window(members, self.rule.within_days)
+                self.best[group] = (size, tuple(sorted(window, key=_order)))
             else:
                 self.groups.pop(group, None)
                 self.best.pop(group, None)
@@ -292,12 +320,19 @@ class ClusterTracker(Tally):
         self._refresh()
         return max((size for size, _ in self.best.values()), default=0)
 
-    def result(self) -> RuleResult:
+    def _best_group(self) -> str | None:
         size = self.value()
-        group = min((g for g, (n, _) in self.best.items() if n == size), default=None)
+        return min((g for g, (n, _) in self.best.items() if n == size), default=None)
+
+    def evidence_keys(self) -> tuple[str, ...]:
+        group = self._best_group()
         members = self.best[group][1] if group is not None else ()
-        return RuleResult(size, self.rule.subjects, size >= self.rule.subjects,
-                          tuple(sorted(members, key=_order)),
+        return tuple(f"{item.subject_id}/{item.ae_id}" for item in members)
+
+    def result(self) -> RuleResult:
+        size, group = self.value(), self._best_group()
+        members = self.best[group][1] if group is not None else ()
+        return RuleResult(size, self.rule.subjects, size >= self.rule.subjects, members,
                           {"group": group, "by": self.rule.by,
                            "within_days": self.rule.within_days})
 

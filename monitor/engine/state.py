@@ -58,11 +58,11 @@ class Seen(msgspec.Struct, gc=False):
     record carries its own, so it is always written together with what it counts."""
 
     first: dict[str, int | None] = {}
-    again: dict[str, list[int | None]] = {}
+    again: dict[str, list[int | None]] | None = None  # rare: made on the first duplicate
 
     def count(self) -> tuple[int, int]:
         """(accepted, duplicates)."""
-        return len(self.first), sum(len(copies) for copies in self.again.values())
+        return len(self.first), sum(len(copies) for copies in (self.again or {}).values())
 
 
 class AeHistory(msgspec.Struct, gc=False):
@@ -166,7 +166,7 @@ class TrialState:
     # derived, rebuilt by `rebuild`:
     counts: Counts = field(default_factory=Counts)
     window: WindowLength = WindowLength()
-    ae_rules: tuple[Rule, ...] = ()
+    ae_plan: tuple[tuple, ...] = ()  # (rule, in-window only, checks, tracker) per AE rule
     trackers: dict[str, object] = field(default_factory=dict)
     infusion_days: dict[str, tuple[dt.date, dt.date, list[dt.date]]] = field(default_factory=dict)
 
@@ -194,8 +194,9 @@ def rebuild(trial: TrialState) -> TrialState:
     for rule in rules:
         trial.ledger.setdefault(rule.id, alerts.LedgerEntry(rule.id, rule.severity))
     trial.window = trial.rules.window.length if trial.rules else WindowLength()
-    trial.ae_rules = tuple(r for r in rules if r.watches_adverse_events)
     trial.trackers = {rule.id: rule.tracker() for rule in rules}
+    trial.ae_plan = tuple((r, r.match.in_window, r.match.checks + r.extra_checks(),
+                           trial.trackers[r.id]) for r in rules if r.watches_adverse_events)
     trial.infusion_days, trial.counts = {}, Counts()
     for subject in trial.subjects.values():
         _count_subject(trial.counts, subject)
@@ -248,6 +249,8 @@ def _repeat(trial: TrialState, seen: Seen, event: Event, position: int | None,
             tag: str) -> str:
     """A message whose id the record took before: a redelivery of a message at a
     position already taken, else a duplicate (counted, and its position kept)."""
+    if seen.again is None:
+        seen.again = {}
     copies = seen.again.get(event.event_id)
     if position is not None and (seen.first[event.event_id] == position or
                                  (copies is not None and position in copies)):

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from . import alerts
 from .events import AdverseEvent, Infusion
 from .kinds import DosingWhileHalted, EvidenceItem, Rule
+from .window import IN_WINDOW
 
 if TYPE_CHECKING:
     from .state import Subject, TrialState
@@ -24,16 +25,31 @@ def cache_infusions(trial: TrialState, subject: Subject) -> None:
 
 
 def track_ae(trial: TrialState, subject_id: str, ae: AdverseEvent) -> list[Rule]:
-    """Give the AE's current version to every rule that looks at AEs."""
-    if not trial.ae_rules:
+    """Give the AE's current version to every rule that looks at AEs.
+
+    This is `Rule.evidence_for` inline (it runs for every AE and every rule): the
+    window, then the rule's compiled checks; an AE that matches nothing and was never
+    counted costs no call to the tracker."""
+    if not trial.ae_plan:
         return []
     placement = trial.placement(subject_id, ae)
     known = trial.infusion_days.get(subject_id)
     days = known[2] if known else ()
-    trackers, dirty, retracted = trial.trackers, [], ae.retracted
-    for rule in trial.ae_rules:
-        item = None if retracted else rule.evidence_for(subject_id, ae, placement, days)
-        if trackers[rule.id].set(subject_id, ae.ae_id, item):
+    placed, in_window = placement.onset is not None, placement.period == IN_WINDOW
+    dirty, retracted, ae_id = [], ae.retracted, ae.ae_id
+    for rule, window_only, checks, tracker in trial.ae_plan:
+        item = None
+        if placed and not retracted and (in_window or not window_only):
+            for check in checks:
+                if not check(ae, placement, days):
+                    break
+            else:
+                item = rule.item(subject_id, ae, placement)
+        if item is None:
+            mine = tracker.items.get(subject_id)
+            if mine is None or ae_id not in mine:
+                continue
+        if tracker.set(subject_id, ae_id, item):
             dirty.append(rule)
     return dirty
 
@@ -98,6 +114,9 @@ def _decide(trial: TrialState, dirty: list[Rule], event,  # noqa: ANN001
         if not entry.breached and not tracker.breached():
             entry.value = tracker.value()  # ok before and after: no evidence to build
             continue
+        if (entry.breached and tracker.breached() and tracker.value() == entry.value
+                and tracker.evidence_keys() == entry.evidence):
+            continue  # breached before and after, nothing new: no evidence to build
         result = tracker.result()
         transition = alerts.decide(entry, result)
         before = entry.evidence
