@@ -81,7 +81,8 @@ class Pipeline:
         self.settings = settings
         self.trials = Trials(catalog)
         self.metrics = metrics  # optional: monitor.metrics.Metrics
-        self.loaded = False
+        self.settled = False  # the tables of the current assignment are recovered
+        self.loaded = False  # the trials in memory are those of the table
 
     def handle(self, batch: Batch, event: Any) -> None:
         """Step one Kafka message; remember what to write, send and dead-letter."""
@@ -141,7 +142,7 @@ class Pipeline:
 
     def forget(self) -> None:
         self.trials.trials = {}
-        self.loaded = False
+        self.settled = self.loaded = False
 
     def status(self, now: dt.datetime) -> dict:
         return self.trials.report(now)
@@ -213,7 +214,7 @@ def build_app(settings: Settings, catalog: dict[str, TrialRules],
         metrics.set_trials(lambda: pipeline.status(dt.datetime.now(dt.UTC)))
 
     async def load_if_needed() -> None:
-        if not pipeline.loaded:
+        if pipeline.settled and not pipeline.loaded:
             await send_alerts(alerts_out, pipeline, pipeline.load(iter(table.items())))
 
     @app.agent(events)
@@ -232,10 +233,12 @@ def build_app(settings: Settings, catalog: dict[str, TrialRules],
     async def forget(_sender: Any, *_args: Any, **_kwargs: Any) -> None:
         pipeline.forget()  # the trials may move: reload from the table when settled
 
-    @app.timer(interval=1.0)
-    async def load_when_settled() -> None:
-        if is_ready(app):
-            await load_if_needed()
+    @app.on_rebalance_complete.connect
+    async def settle(_sender: Any, *_args: Any, **_kwargs: Any) -> None:
+        # sent once the tables of this assignment are recovered, before the streams
+        # resume: the only moment the table is whole and no event is being processed
+        pipeline.settled = True
+        await load_if_needed()
 
     if notifier is not None:
         notifier(app, alerts_out)
