@@ -15,6 +15,7 @@ after a crash (same event id, same partition and offset) changes nothing.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import time
@@ -265,6 +266,18 @@ async def flush(batch: Batch, pipeline: Pipeline, table: Any, dead: Any,
         with current_event(event):
             for key, value in trials:
                 table[key] = value
+    await drained(table.app.producer)
+
+
+async def drained(producer: Any, poll: float = 0.005) -> None:
+    """Wait until faust's producer buffer has handed every table write to the Kafka
+    client. faust's own flush before an offset commit gives up when no message left the
+    buffer for 0.1 s, so offsets could be committed for events whose changelog writes
+    were still waiting in it, and a crash then lost them. Acking a batch's events only
+    after this makes the commit's flush of the Kafka client cover every write."""
+    buffer = producer.buffer
+    while buffer.size:
+        await asyncio.sleep(poll)
 
 
 async def send_alerts(topic: Any, pipeline: Pipeline, alerts: list[AlertTransition]) -> None:
