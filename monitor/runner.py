@@ -79,8 +79,10 @@ def email_agent(settings: Settings, catalog: dict[str, TrialRules], metrics: obj
     )
 
     def add(app, alerts_topic) -> None:  # noqa: ANN001
-        sent = app.Table("notifications", key_type=str, value_type=dict,
-                         partitions=settings.partitions)
+        # no value_type: faust's JSON gives dicts back; value_type=dict would make it
+        # call dict.from_data on every read and changelog record (ValueDecodeError), and
+        # a worker restoring this table from its changelog would never become ready
+        sent = app.Table("notifications", key_type=str, partitions=settings.partitions)
         log = CombinedLog(JsonLinesLog(settings.state_dir / "notifications.jsonl"),
                           MappingLog(sent))
         notifier = Notifier(catalog, SmtpSender(settings), log,
