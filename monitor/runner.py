@@ -45,6 +45,9 @@ def run_worker_process(settings: Settings, catalog: dict[str, TrialRules],
         logging.getLogger("faust.transport.producer").setLevel(logging.ERROR)
         app, _pipeline = build_app(settings, catalog, **_extras(settings, catalog))
         worker = Worker(app, loglevel=loglevel, redirect_stdouts=False, quiet=True)
+        # faust's startup spinner sets the root logger to DEBUG for good, so every debug
+        # call in aiokafka and faust builds a record that no handler prints
+        worker.spinner = None
         try:
             worker.execute_from_commandline()
         except SystemExit as exc:

@@ -40,8 +40,9 @@ class Settings(BaseSettings):
     clock_interval: float = Field(60.0, gt=0, description="seconds between wall-clock checks "
                                                           "of time-based states")
     broker_is_tansu: bool = Field(False, description="the broker is tansu (dev and tests): "
-                                  "send one record per produce batch, because tansu reports a "
-                                  "partition's end offset as its last batch's first offset + 1")
+                                  "end each batch's table writes with a row in a produce batch "
+                                  "of its own, because tansu reports a partition's end offset "
+                                  "as its last produce batch's first offset + 1")
     smtp_host: str | None = Field(None, description="SMTP server; unset = embedded local "
                                                     "mailbox in the demo, no e-mail otherwise")
     smtp_port: int = Field(25, ge=1, le=65535)

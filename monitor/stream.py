@@ -3,11 +3,14 @@
 Data flows one way: bytes -> `parse_event` -> `engine.step` -> records, alerts, dead
 letters. The engine state of the trials on this worker's partitions lives in memory
 (`Pipeline.trials`); the table ``state`` is its durable copy, written once per batch
-and per changed record, not once per event (see `monitor.engine.records`). Within a
-batch the order of writes is: subject records, then alerts (awaited until the broker
-has them), then the trial record (the ledger). A crash therefore never loses an alert:
-at worst the ledger lags and `reconcile` re-sends the same transition (same key), which
-the e-mail ledger drops.
+and per changed record, not once per event (see `monitor.engine.records`).
+
+A batch is written in this order (`flush`): per trial, its checkpoint (ledger, the
+batch's subject rows as a journal, the batch's alert messages as an outbox), then its
+subject rows; once the broker has all of them, the alerts; once it has those, the
+checkpoints again with an empty outbox. A crash at any point leaves a table from which
+`Pipeline.load` rebuilds each trial exactly as its last checkpointed batch left it and
+re-sends that batch's outbox (same keys: the e-mail ledger drops what it already sent).
 
 Delivery is at least once; the engine makes it effectively once: a message redelivered
 after a crash (same event id, same partition and offset) changes nothing.
@@ -22,7 +25,7 @@ import time
 import weakref
 from collections import defaultdict
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import faust
 import orjson
@@ -39,6 +42,7 @@ from .notify import alert_payload
 from .settings import Settings
 
 OFFSET_BITS = 40  # position = partition << 40 | offset
+MARKER = "~"  # tansu only: the key of the row that ends a batch's writes to a partition
 
 
 def position(partition: int, offset: int) -> int:
@@ -74,6 +78,17 @@ class Batch:
         self.dead: list[tuple[bytes | None, bytes]] = []
 
 
+class Writes(NamedTuple):
+    """A batch's writes, in order: ``first`` the rows per partition (per trial, its
+    checkpoint with journal and outbox, then its subject rows); once the broker has
+    them, the ``alerts`` messages; once it has those, ``then`` the checkpoints of the
+    trials that had alerts, outbox emptied."""
+
+    first: dict[int, list[tuple[str, bytes]]]
+    alerts: list[tuple[bytes, bytes]]
+    then: dict[int, list[tuple[str, bytes]]]
+
+
 class Pipeline:
     """The engine inside the worker: decode, step, and what to write and send."""
 
@@ -84,6 +99,7 @@ class Pipeline:
         self.metrics = metrics  # optional: monitor.metrics.Metrics
         self.settled = False  # the tables of the current assignment are recovered
         self.loaded = False  # the trials in memory are those of the table
+        self.unwritten: dict[str, list[tuple[str, bytes]]] = {}  # journals loaded, by trial
 
     def handle(self, batch: Batch, event: Any) -> None:
         """Step one Kafka message; remember what to write, send and dead-letter."""
@@ -97,9 +113,9 @@ class Pipeline:
         trial = self.trials.trial(parsed.trial_id)
         changes = step(trial, parsed, position(message.partition, message.offset))[1]
         self._observe(changes.outcome, parsed)
-        if changes.outcome == REDELIVERED:
-            return
         touched = batch.touched[message.partition][parsed.trial_id]
+        if changes.outcome == REDELIVERED:
+            return  # the trial gets a checkpoint: it writes what a journal loaded holds
         touched[parsed.subject_id].add(changes.record)
         if changes.alerts:
             batch.alerts.extend(changes.alerts)
@@ -110,43 +126,79 @@ class Pipeline:
         if self.metrics is not None:
             self.metrics(outcome, parsed)
 
-    def payload(self, alert: AlertTransition, now: dt.datetime) -> bytes:
-        """The alerts-topic value: the alert, and its trial's counts now (for e-mail)."""
+    def message(self, alert: AlertTransition, now: dt.datetime) -> tuple[bytes, bytes]:
+        """The alerts-topic message: key the alert id, value the alert and its trial's
+        counts now (for e-mail)."""
         trial = self.trials.trials.get(alert.trial_id)
         summary = trial_summary(trial_report(trial, now), now) if trial else None
-        return orjson.dumps(alert_payload(alert, summary))
+        return alert.id.encode(), orjson.dumps(alert_payload(alert, summary))
 
-    def writes(self, batch: Batch, partition: int) -> tuple[list, list]:
-        """(subject records, trial records) to write for one partition."""
-        subjects, trials = [], []
-        for trial_id, by_subject in batch.touched[partition].items():
-            trial = self.trials.trials[trial_id]
-            for subject_id, changed in by_subject.items():
-                subjects.extend(records.subject_records(trial, subject_id, changed))
-            trials.append(records.trial_record(trial))
-        return subjects, trials
+    def plan(self, batch: Batch, now: dt.datetime) -> Writes:
+        """What to write and send for a batch, in the order of `Writes`."""
+        outbox: dict[str, list[tuple[bytes, bytes]]] = defaultdict(list)
+        for alert in batch.alerts:
+            outbox[alert.trial_id].append(self.message(alert, now))
+        first, then = {}, {}
+        for partition, by_trial in batch.touched.items():
+            rows, sent = [], []
+            for trial_id, by_subject in by_trial.items():
+                trial = self.trials.trials[trial_id]
+                subjects = dict(self.unwritten.pop(trial_id, ()))
+                subjects.update(row for subject_id, changed in by_subject.items()
+                                for row in records.subject_records(trial, subject_id, changed))
+                subjects = list(subjects.items())
+                messages = [(key.decode(), value) for key, value in outbox.get(trial_id, ())]
+                rows.append(records.trial_record(trial, subjects, messages))
+                rows.extend(subjects)
+                if messages:
+                    sent.append(records.trial_record(trial))
+            first[partition] = rows
+            if sent:
+                then[partition] = sent
+        return Writes(first, [m for messages in outbox.values() for m in messages], then)
 
-    def load(self, rows: Iterator[tuple[str, bytes]]) -> list[AlertTransition]:
-        """Replace the trials in memory with those in the table; reconcile each."""
+    def load(self, rows: Iterator[tuple[str, bytes]]) -> list[tuple[bytes, bytes]]:
+        """Replace the trials in memory with those in the table. Returns the alert
+        messages to (re-)send: the outboxes of the last checkpoints, and what
+        `reconcile` finds the ledger has not recorded (e.g. after a rules change)."""
         by_trial: dict[str, list] = defaultdict(list)
         for key, value in rows:
-            by_trial[records.key_trial(key)].append((key, value))
-        self.trials.trials = {}
-        pending: list[AlertTransition] = []
+            if not key.startswith(MARKER):
+                by_trial[records.key_trial(key)].append((key, value))
+        self.trials.trials, self.unwritten = {}, {}
+        messages: list[tuple[bytes, bytes]] = []
+        now = dt.datetime.now(dt.UTC)
         for trial_id, rows_of_trial in by_trial.items():
-            trial = records.load_trial(trial_id, self.trials.catalog.get(trial_id),
-                                       rows_of_trial)
+            trial, journal, outbox = records.load(
+                trial_id, self.trials.catalog.get(trial_id), rows_of_trial)
             self.trials.trials[trial_id] = trial
-            pending.extend(reconcile(trial))
+            if journal:
+                self.unwritten[trial_id] = journal
+            messages.extend((key.encode(), value) for key, value in outbox)
+            messages.extend(self.message(alert, now) for alert in reconcile(trial))
         self.loaded = True
-        return pending
+        return messages
 
     def forget(self) -> None:
-        self.trials.trials = {}
+        self.trials.trials, self.unwritten = {}, {}
         self.settled = self.loaded = False
 
     def status(self, now: dt.datetime) -> dict:
         return self.trials.report(now)
+
+
+def track_changelog(app: Any, changelog: str) -> None:
+    """Make the producer's client keep the changelog in its metadata.
+
+    aiokafka (0.14) adds a topic to the set its metadata refreshes ask for only when a
+    send finds the topic missing from its metadata. After a full refresh (one made while
+    that set is empty, e.g. after faust creates a topic) the changelog is present, so its
+    first send does not add it; the first send to another topic then refreshes that
+    topic alone, the changelog's partitions drop out, and its writes wait for a leader
+    forever while the client refreshes in a loop. With the changelog in the set from
+    the start, every refresh asks for it.
+    """
+    app.producer._producer.client.add_topic(changelog)  # private: faust's aiokafka producer
 
 
 def is_ready(app: Any) -> bool:
@@ -189,9 +241,10 @@ def faust_settings(settings: Settings) -> dict[str, Any]:
         "web_enabled": True,
         "web_tables_enabled": False,  # no /table/<name>/<key>/ pages: they expose state
         "web_router_enabled": False,
-        # tansu's ListOffsets answer is right only when every batch holds one record, and
-        # faust's table recovery reads the changelog up to that answer
-        **({"producer_max_batch_size": 1} if settings.broker_is_tansu else {}),
+        # tansu (see `flush`): a worker killed between a batch's writes and its marker
+        # row finds its local store ahead of the end offset tansu reports; what it has
+        # is a prefix of the writes, which `Pipeline.load` reads consistently
+        **({"recovery_consistency_check": False} if settings.broker_is_tansu else {}),
     }
 
 
@@ -216,10 +269,11 @@ def build_app(settings: Settings, catalog: dict[str, TrialRules],
 
     async def load_if_needed() -> None:
         if pipeline.settled and not pipeline.loaded:
-            await send_alerts(alerts_out, pipeline, pipeline.load(iter(table.items())))
+            await send_alerts(alerts_out, pipeline.load(iter(table.items())))
 
     @app.agent(events)
     async def monitor(stream: Any) -> None:
+        track_changelog(app, table.changelog_topic.get_topic_name())
         async for batch_events in stream.take_events(settings.batch_size,
                                                      within=settings.batch_within):
             await load_if_needed()
@@ -251,22 +305,40 @@ def build_app(settings: Settings, catalog: dict[str, TrialRules],
 
 async def flush(batch: Batch, pipeline: Pipeline, table: Any, dead: Any,
                 alerts_out: Any) -> None:
-    """Write the batch: dead letters and subject records, then alerts, then ledgers."""
+    """Write the batch (see the module's docstring for the order and why)."""
     for key, value in batch.dead:
         await dead.send(key=key, value=value)
-    trial_rows = []
-    for partition, event in batch.last_event.items():
-        subjects, trials = pipeline.writes(batch, partition)
-        with current_event(event):
-            for key, value in subjects:
-                table[key] = value
-        trial_rows.append((event, trials))
-    await send_alerts(alerts_out, pipeline, batch.alerts)
-    for event, trials in trial_rows:
-        with current_event(event):
-            for key, value in trials:
-                table[key] = value
-    await drained(table.app.producer)
+    writes = pipeline.plan(batch, dt.datetime.now(dt.UTC))
+    for partition, rows in writes.first.items():
+        write(table, batch.last_event[partition], rows)
+    if writes.alerts:
+        await durable(table.app.producer)
+        await send_alerts(alerts_out, writes.alerts)
+        for partition, rows in writes.then.items():
+            write(table, batch.last_event[partition], rows)
+    if pipeline.settings.broker_is_tansu:
+        # tansu answers ListOffsets with the first offset of a partition's last produce
+        # batch + 1, and faust's recovery reads a changelog up to that answer: end each
+        # partition's writes with a row of its own, in a produce batch of its own
+        await durable(table.app.producer)
+        for partition in writes.first:
+            write(table, batch.last_event[partition], [(f"{MARKER}{records.SEP}{partition}", b"")])
+        await durable(table.app.producer)
+    else:
+        await drained(table.app.producer)
+
+
+def write(table: Any, event: Any, rows: list[tuple[str, bytes]]) -> None:
+    """Write rows to the table's changelog partition of ``event``."""
+    with current_event(event):
+        for key, value in rows:
+            table[key] = value
+
+
+async def durable(producer: Any) -> None:
+    """Wait until the broker has every table write made so far."""
+    await drained(producer)
+    await producer.flush()
 
 
 async def drained(producer: Any, poll: float = 0.005) -> None:
@@ -280,10 +352,8 @@ async def drained(producer: Any, poll: float = 0.005) -> None:
         await asyncio.sleep(poll)
 
 
-async def send_alerts(topic: Any, pipeline: Pipeline, alerts: list[AlertTransition]) -> None:
-    """Send alert transitions and wait until the broker has every one."""
-    now = dt.datetime.now(dt.UTC)
-    pending = [await topic.send(key=alert.id.encode(), value=pipeline.payload(alert, now))
-               for alert in alerts]
+async def send_alerts(topic: Any, messages: list[tuple[bytes, bytes]]) -> None:
+    """Send alert messages and wait until the broker has every one."""
+    pending = [await topic.send(key=key, value=value) for key, value in messages]
     for future in pending:
         await future

@@ -2,20 +2,27 @@
 
 Keys (``\\x1f`` separates parts, which no id contains in practice)::
 
-    t|TRIAL                     TrialRecord   (alert ledger)
+    t|TRIAL                     Checkpoint    (alert ledger, journal, outbox)
     s|TRIAL|SUBJECT             SubjectHeader (infusions, statuses, reports, counts)
     a|TRIAL|SUBJECT|AE_ID       AeHistory     (the versions of one AE)
     l|TRIAL|SUBJECT|TEST        LabSeries     (one lab test's results)
 
 Values are JSON (msgspec), which keeps each date-time's offset as written. What one
 event writes is one small record and its subject's header, whatever the trial's size.
-Write the subject records of a batch before the trial record: after a crash the ledger
-is then never ahead of the subjects, and `state.reconcile` closes the gap.
+
+The trial row is a `Checkpoint`: the trial record, and what the batch that wrote it
+changed besides (the *journal*: its subject rows) and must still send (the *outbox*:
+its alert messages). The worker writes a batch's checkpoint first, then its subject
+rows, then sends the alerts, then writes the checkpoint again with an empty outbox. A
+crash anywhere in between leaves rows from which `load` rebuilds the trial exactly as
+the batch left it (the journal overrides older subject rows) and the alerts that may
+not have gone out; the batch's messages, redelivered, then change nothing.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import NamedTuple
 
 import msgspec
 
@@ -35,8 +42,18 @@ from .state import (
 SEP = "\x1f"
 TRIAL, HEADER, AE_KEY, LAB_KEY = "t", "s", "a", "l"
 
+
+
+class Checkpoint(msgspec.Struct, omit_defaults=True):
+    """The value of a trial row (see the module's docstring)."""
+
+    record: TrialRecord
+    journal: dict[str, msgspec.Raw] = {}  # subject row key -> its value
+    outbox: list[tuple[str, msgspec.Raw]] = []  # (alert message key, message value)
+
+
 _encode = msgspec.json.Encoder().encode
-_DECODERS = {TRIAL: msgspec.json.Decoder(TrialRecord), HEADER: msgspec.json.Decoder(SubjectHeader),
+_DECODERS = {TRIAL: msgspec.json.Decoder(Checkpoint), HEADER: msgspec.json.Decoder(SubjectHeader),
              AE_KEY: msgspec.json.Decoder(AeHistory), LAB_KEY: msgspec.json.Decoder(LabSeries)}
 
 
@@ -66,20 +83,52 @@ def subject_records(trial: TrialState, subject_id: str,
     yield f"{HEADER}{SEP}{prefix}", _encode(subject.header)
 
 
-def trial_record(trial: TrialState) -> tuple[str, bytes]:
-    return trial_key(trial.trial_id), _encode(trial.record)
+def trial_record(trial: TrialState, journal: Iterable[tuple[str, bytes]] = (),
+                 outbox: Iterable[tuple[str, bytes]] = ()) -> tuple[str, bytes]:
+    """The trial row: its record, with a batch's subject rows and alert messages."""
+    checkpoint = Checkpoint(trial.record, {key: msgspec.Raw(value) for key, value in journal},
+                            [(key, msgspec.Raw(value)) for key, value in outbox])
+    return trial_key(trial.trial_id), _encode(checkpoint)
 
 
 def load_trial(trial_id: str, rules: TrialRules | None,
                rows: Iterable[tuple[str, bytes]]) -> TrialState:
     """A trial's state from its rows (any order); unknown keys are an error."""
-    record, subjects = None, {}
+    return load(trial_id, rules, rows)[0]
+
+
+class Loaded(NamedTuple):
+    trial: TrialState
+    journal: list[tuple[str, bytes]]  # subject rows that may not have been written
+    outbox: list[tuple[str, bytes]]  # alert messages that may not have been sent
+
+
+def load(trial_id: str, rules: TrialRules | None, rows: Iterable[tuple[str, bytes]]
+         ) -> Loaded:
+    """A trial's state from its rows (any order), with the journal and outbox of its
+    last checkpoint: the next checkpoint must carry that journal on until its rows are
+    written again. Unknown keys are an error."""
+    checkpoint, latest = None, {}
+    for key, value in rows:
+        if key.startswith(TRIAL + SEP):
+            checkpoint = _DECODERS[TRIAL].decode(value)
+        else:
+            latest[key] = value
+    if checkpoint is None:
+        return Loaded(_build(trial_id, rules, None, latest.items()), [], [])
+    # the journal is never older than a subject row: it was written just before them
+    journal = [(key, bytes(raw)) for key, raw in checkpoint.journal.items()]
+    latest.update(journal)
+    outbox = [(key, bytes(raw)) for key, raw in checkpoint.outbox]
+    return Loaded(_build(trial_id, rules, checkpoint.record, latest.items()), journal, outbox)
+
+
+def _build(trial_id: str, rules: TrialRules | None, record: TrialRecord | None,
+           rows: Iterable[tuple[str, bytes]]) -> TrialState:
+    subjects: dict[str, Subject] = {}
     for key, value in rows:
         kind, *parts = key.split(SEP)
         decoded = _DECODERS[kind].decode(value)
-        if kind == TRIAL:
-            record = decoded
-            continue
         subject = subjects.get(parts[1])
         if subject is None:
             subject = subjects[parts[1]] = Subject(parts[1])

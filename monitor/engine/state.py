@@ -249,12 +249,12 @@ def _repeat(trial: TrialState, seen: Seen, event: Event, position: int | None,
             tag: str) -> str:
     """A message whose id the record took before: a redelivery of a message at a
     position already taken, else a duplicate (counted, and its position kept)."""
-    if seen.again is None:
-        seen.again = {}
-    copies = seen.again.get(event.event_id)
+    copies = seen.again.get(event.event_id) if seen.again is not None else None
     if position is not None and (seen.first[event.event_id] == position or
                                  (copies is not None and position in copies)):
         return REDELIVERED
+    if seen.again is None:
+        seen.again = {}
     seen.again.setdefault(event.event_id, []).append(position)
     trial.counts.duplicates[tag] += 1
     return DUPLICATE
