@@ -21,14 +21,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import logging
 import time
 import weakref
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, NamedTuple
 
 import faust
 import orjson
+from aiokafka.errors import KafkaError
 
 from .alert_email import trial_summary
 from .engine import records
@@ -41,6 +43,9 @@ from .engine.trials import Trials
 from .notify import alert_payload
 from .settings import Settings
 
+log = logging.getLogger(__name__)
+
+RETRY_SECONDS = 1.0  # before sending again what the broker did not take
 OFFSET_BITS = 40  # position = partition << 40 | offset
 MARKER = "~"  # tansu only: the key of the row that ends a batch's writes to a partition
 
@@ -201,6 +206,17 @@ def track_changelog(app: Any, changelog: str) -> None:
     app.producer._producer.client.add_topic(changelog)  # private: faust's aiokafka producer
 
 
+async def read_uncommitted_from_start(app: Any, topics: set[str]) -> None:
+    """Seek each assigned partition of ``topics`` that has no committed offset to its
+    first offset. aiokafka's seek to the committed offsets leaves such a partition
+    where its fetcher happens to be; a partition taken over from a worker that died
+    before its first commit was then read from a later offset, and events were lost.
+    """
+    for tp, offset in (await app.consumer.seek_to_committed()).items():
+        if tp.topic in topics and not offset:
+            await app.consumer.seek(tp, 0)
+
+
 def is_ready(app: Any) -> bool:
     """Table recovery has finished, and no rebalance or recovery is under way."""
     recovered = app.tables.recovery.completed.is_set()
@@ -250,8 +266,8 @@ def faust_settings(settings: Settings) -> dict[str, Any]:
 
 def build_app(settings: Settings, catalog: dict[str, TrialRules],
               metrics: Any = None, notifier: Any = None) -> tuple[faust.App, Pipeline]:
-    """``notifier(app, alerts_topic)``, when given, adds the e-mail agent."""
-    """The faust app of the worker, and the pipeline it drives."""
+    """The faust app of the worker, and the pipeline it drives. ``notifier(app,
+    alerts_topic)``, when given, adds the e-mail agent."""
     # env={}: faust would otherwise let BROKER_URL, WEB_PORT ... override our settings
     app = faust.App(settings.app_id, env={}, **faust_settings(settings))
     # internal=True: faust creates the topics with our partition count (a topic the
@@ -267,9 +283,11 @@ def build_app(settings: Settings, catalog: dict[str, TrialRules],
     if metrics is not None:
         metrics.set_trials(lambda: pipeline.status(dt.datetime.now(dt.UTC)))
 
+    sink = Sink(table)
+
     async def load_if_needed() -> None:
         if pipeline.settled and not pipeline.loaded:
-            await send_alerts(alerts_out, pipeline.load(iter(table.items())))
+            await send_alerts(sink, alerts_out, pipeline.load(iter(table.items())))
 
     @app.agent(events)
     async def monitor(stream: Any) -> None:
@@ -280,7 +298,7 @@ def build_app(settings: Settings, catalog: dict[str, TrialRules],
             started, batch = time.monotonic(), Batch()
             for event in batch_events:
                 pipeline.handle(batch, event)
-            await flush(batch, pipeline, table, dead, alerts_out)
+            await flush(batch, pipeline, sink, dead, alerts_out)
             if metrics is not None:
                 metrics.observe_latency(time.monotonic() - started, len(batch_events))
 
@@ -294,6 +312,7 @@ def build_app(settings: Settings, catalog: dict[str, TrialRules],
         # resume: the only moment the table is whole and no event is being processed
         pipeline.settled = True
         await load_if_needed()
+        await read_uncommitted_from_start(app, {settings.events_topic, settings.alerts_topic})
 
     if notifier is not None:
         notifier(app, alerts_out)
@@ -303,42 +322,82 @@ def build_app(settings: Settings, catalog: dict[str, TrialRules],
     return app, pipeline
 
 
-async def flush(batch: Batch, pipeline: Pipeline, table: Any, dead: Any,
+class Sink:
+    """Where a batch goes: table rows and topic messages. `confirm` waits until the
+    broker has taken every one, and sends again what it refused, so a batch's events
+    are acked only once everything they caused is durable. (A table write through
+    ``table[key] = value`` would drop faust's future for its changelog record; a write
+    stuck or failed there would be lost silently while its events were committed.)"""
+
+    def __init__(self, table: Any) -> None:
+        self.table = table
+        self.unconfirmed: list[tuple[asyncio.Future, Callable[[], Awaitable[Any]]]] = []
+
+    def rows(self, event: Any, rows: list[tuple[str, bytes]]) -> None:
+        """Write rows to the table, in the changelog partition of ``event``."""
+        partition = event.message.partition
+        with current_event(event):  # the store files each key under this partition
+            for key, value in rows:
+                self.table.data[key] = value
+                self._changelog(partition, key, value)
+
+    def _changelog(self, partition: int, key: str, value: bytes) -> None:
+        async def again() -> Any:
+            return self.table.send_changelog(partition, key, value)
+
+        self.unconfirmed.append((self.table.send_changelog(partition, key, value), again))
+
+    async def send(self, topic: Any, key: bytes | None, value: bytes) -> None:
+        async def again() -> Any:
+            while True:
+                try:
+                    return await topic.send(key=key, value=value)
+                except KafkaError as exc:
+                    log.warning("could not send to %s, trying again: %s", topic, exc)
+                    await asyncio.sleep(RETRY_SECONDS)
+
+        self.unconfirmed.append((await again(), again))
+
+    async def confirm(self) -> None:
+        while self.unconfirmed:
+            await drained(self.table.app.producer)
+            unconfirmed, self.unconfirmed = self.unconfirmed, []
+            failed = []
+            for future, again in unconfirmed:
+                try:
+                    await future
+                except KafkaError as exc:
+                    log.warning("the broker did not take a write, sending it again: %s", exc)
+                    failed.append(again)
+            if failed:
+                await asyncio.sleep(RETRY_SECONDS)
+            for again in failed:
+                self.unconfirmed.append((await again(), again))
+
+
+async def flush(batch: Batch, pipeline: Pipeline, sink: Sink, dead: Any,
                 alerts_out: Any) -> None:
     """Write the batch (see the module's docstring for the order and why)."""
-    for key, value in batch.dead:
-        await dead.send(key=key, value=value)
+    # plan and write to the table before the first await: a rebalance may replace the
+    # trials in memory while this coroutine waits
     writes = pipeline.plan(batch, dt.datetime.now(dt.UTC))
     for partition, rows in writes.first.items():
-        write(table, batch.last_event[partition], rows)
+        sink.rows(batch.last_event[partition], rows)
+    for key, value in batch.dead:
+        await sink.send(dead, key, value)
     if writes.alerts:
-        await durable(table.app.producer)
-        await send_alerts(alerts_out, writes.alerts)
+        await sink.confirm()
+        await send_alerts(sink, alerts_out, writes.alerts)
         for partition, rows in writes.then.items():
-            write(table, batch.last_event[partition], rows)
-    if pipeline.settings.broker_is_tansu:
+            sink.rows(batch.last_event[partition], rows)
+    await sink.confirm()
+    if pipeline.settings.broker_is_tansu and writes.first:
         # tansu answers ListOffsets with the first offset of a partition's last produce
         # batch + 1, and faust's recovery reads a changelog up to that answer: end each
         # partition's writes with a row of its own, in a produce batch of its own
-        await durable(table.app.producer)
         for partition in writes.first:
-            write(table, batch.last_event[partition], [(f"{MARKER}{records.SEP}{partition}", b"")])
-        await durable(table.app.producer)
-    else:
-        await drained(table.app.producer)
-
-
-def write(table: Any, event: Any, rows: list[tuple[str, bytes]]) -> None:
-    """Write rows to the table's changelog partition of ``event``."""
-    with current_event(event):
-        for key, value in rows:
-            table[key] = value
-
-
-async def durable(producer: Any) -> None:
-    """Wait until the broker has every table write made so far."""
-    await drained(producer)
-    await producer.flush()
+            sink.rows(batch.last_event[partition], [(f"{MARKER}{records.SEP}{partition}", b"")])
+        await sink.confirm()
 
 
 async def drained(producer: Any, poll: float = 0.005) -> None:
@@ -352,8 +411,8 @@ async def drained(producer: Any, poll: float = 0.005) -> None:
         await asyncio.sleep(poll)
 
 
-async def send_alerts(topic: Any, messages: list[tuple[bytes, bytes]]) -> None:
+async def send_alerts(sink: Sink, topic: Any, messages: list[tuple[bytes, bytes]]) -> None:
     """Send alert messages and wait until the broker has every one."""
-    pending = [await topic.send(key=key, value=value) for key, value in messages]
-    for future in pending:
-        await future
+    for key, value in messages:
+        await sink.send(topic, key, value)
+    await sink.confirm()
