@@ -127,9 +127,11 @@ class MemoryLog(MappingLog):
 class JsonLinesLog(MappingLog):
     """A JSON-lines file, one ``{"key": ..., **info}`` per line, appended and fsynced
     before `mark_sent` returns, so a process killed afterwards does not send again. A
-    torn last line (killed mid-write) is ignored when the file is read."""
+    torn last line (killed mid-write) is cut off when the file is opened: the next line
+    appended would otherwise continue it, and be unreadable too."""
 
     def __init__(self, path: Path) -> None:
+        drop_torn_tail(Path(path))
         super().__init__(dict(read_log_lines(Path(path))))
         self.path = Path(path)
 
@@ -160,6 +162,18 @@ class CombinedLog:
 
     def info(self, key: str) -> Mapping | None:
         return next((i for log in self.logs if (i := log.info(key)) is not None), None)
+
+
+def drop_torn_tail(path: Path) -> None:
+    """Cut off a last line with no newline (a write cut short) from the log file."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        log.warning("%s: cutting off a torn last line of the notification log", path)
+        with path.open("r+b") as file:
+            file.truncate(data.rfind(b"\n") + 1)
+            os.fsync(file.fileno())
 
 
 def read_log_lines(path: Path) -> Iterable[tuple[str, dict]]:

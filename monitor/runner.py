@@ -36,14 +36,12 @@ def run_worker_process(settings: Settings, catalog: dict[str, TrialRules],
                        loglevel: str = "warning") -> int:
     from faust.worker import Worker
 
-    from .stream import build_app
-
     with broker_for(settings) as settings:
         settings.state_dir.mkdir(parents=True, exist_ok=True)
         # table writes come in batches larger than faust's 100-message producer buffer;
         # its "buffer full" warning is routine here, not a problem
         logging.getLogger("faust.transport.producer").setLevel(logging.ERROR)
-        app, _pipeline = build_app(settings, catalog, **_extras(settings, catalog))
+        app = worker_app(settings, catalog)
         worker = Worker(app, loglevel=loglevel, redirect_stdouts=False, quiet=True)
         # faust's startup spinner sets the root logger to DEBUG for good, so every debug
         # call in aiokafka and faust builds a record that no handler prints
@@ -53,6 +51,15 @@ def run_worker_process(settings: Settings, catalog: dict[str, TrialRules],
         except SystemExit as exc:
             return int(exc.code or 0)
     return 0
+
+
+def worker_app(settings: Settings, catalog: dict[str, TrialRules]):  # noqa: ANN201
+    """The worker's faust app: the stream (whose consumer reads partitions never
+    committed from their beginning, see `monitor.faust_ext`), the metrics, and the
+    e-mail agent when SMTP is configured."""
+    from .stream import build_app
+
+    return build_app(settings, catalog, **_extras(settings, catalog))[0]
 
 
 def _extras(settings: Settings, catalog: dict[str, TrialRules]) -> dict:
@@ -72,6 +79,7 @@ def email_agent(settings: Settings, catalog: dict[str, TrialRules], metrics: obj
     table for rebalances, and a local fsynced file for a crash on this host)."""
     import orjson
 
+    from .faust_ext import NotificationTable
     from .notify import (
         CombinedLog,
         JsonLinesLog,
@@ -85,7 +93,8 @@ def email_agent(settings: Settings, catalog: dict[str, TrialRules], metrics: obj
         # no value_type: faust's JSON gives dicts back; value_type=dict would make it
         # call dict.from_data on every read and changelog record (ValueDecodeError), and
         # a worker restoring this table from its changelog would never become ready
-        sent = app.Table("notifications", key_type=str, partitions=settings.partitions)
+        sent = NotificationTable.add_to(app, "notifications", key_type=str,
+                                        partitions=settings.partitions)
         log = CombinedLog(JsonLinesLog(settings.state_dir / "notifications.jsonl"),
                           MappingLog(sent))
         notifier = Notifier(catalog, SmtpSender(settings), log,
@@ -95,5 +104,12 @@ def email_agent(settings: Settings, catalog: dict[str, TrialRules], metrics: obj
         async def email(stream) -> None:  # noqa: ANN001
             async for value in stream:
                 await notifier.notify(*alert_from_payload(orjson.loads(value)))
+                # the alert's table entry reaches the broker before this alert is acked
+                # and the next one e-mailed: a worker that takes the partition over
+                # with no local log then e-mails again at most the one alert whose
+                # entry was not yet written when this worker died. (One write in flight
+                # at a time also keeps this changelog at one record per produce batch,
+                # which tansu needs to report its end offset right: see broker_is_tansu.)
+                await sent.written()
 
     return add

@@ -40,6 +40,7 @@ from .engine.report import trial_report
 from .engine.rules import TrialRules
 from .engine.state import REDELIVERED, reconcile, step
 from .engine.trials import Trials
+from .faust_ext import install_rewinding_consumer
 from .notify import alert_payload
 from .settings import Settings
 
@@ -206,17 +207,6 @@ def track_changelog(app: Any, changelog: str) -> None:
     app.producer._producer.client.add_topic(changelog)  # private: faust's aiokafka producer
 
 
-async def read_uncommitted_from_start(app: Any, topics: set[str]) -> None:
-    """Seek each assigned partition of ``topics`` that has no committed offset to its
-    first offset. aiokafka's seek to the committed offsets leaves such a partition
-    where its fetcher happens to be; a partition taken over from a worker that died
-    before its first commit was then read from a later offset, and events were lost.
-    """
-    for tp, offset in (await app.consumer.seek_to_committed()).items():
-        if tp.topic in topics and not offset:
-            await app.consumer.seek(tp, 0)
-
-
 def is_ready(app: Any) -> bool:
     """Table recovery has finished, and no rebalance or recovery is under way."""
     recovered = app.tables.recovery.completed.is_set()
@@ -270,6 +260,7 @@ def build_app(settings: Settings, catalog: dict[str, TrialRules],
     alerts_topic)``, when given, adds the e-mail agent."""
     # env={}: faust would otherwise let BROKER_URL, WEB_PORT ... override our settings
     app = faust.App(settings.app_id, env={}, **faust_settings(settings))
+    install_rewinding_consumer(app)  # partitions never committed are read from the start
     # internal=True: faust creates the topics with our partition count (a topic the
     # broker auto-creates may have another, and faust then refuses the table writes)
     raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw",
@@ -312,7 +303,6 @@ def build_app(settings: Settings, catalog: dict[str, TrialRules],
         # resume: the only moment the table is whole and no event is being processed
         pipeline.settled = True
         await load_if_needed()
-        await read_uncommitted_from_start(app, {settings.events_topic, settings.alerts_topic})
 
     if notifier is not None:
         notifier(app, alerts_out)
