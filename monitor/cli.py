@@ -13,9 +13,10 @@ from rich.console import Console
 
 from .cli_email import add_email_command, add_send_email_options, replay_outbox
 from .engine.rules import RulesError
-from .replay import LogUnreadable, open_log, parse_as_of, read_lines, replay
+from .replay import LogUnreadable, open_log, parse_as_of, read_lines
 from .rules_loader import load_rules_dir, rule_files
 from .settings import Settings
+from .shards import replay_log
 
 EXIT_OK, EXIT_UNREADABLE, EXIT_USAGE = 0, 1, 2
 
@@ -174,12 +175,21 @@ def _add_replay(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--as-of", metavar="DATE", help="what the sponsor knew then: ISO date "
                    "(00:00 UTC) or date-time with offset; default: the last recorded_at")
     p.add_argument("--format", choices=("table", "json"), default="table")
+    p.add_argument("--jobs", type=_jobs, metavar="N", help="processes that share the log's "
+                   "trials (default: 2 on two cores or more for a log file of 64 MiB or "
+                   "more, else 1); --send-email and --metrics-port replay in one")
     p.add_argument("--metrics-port", type=int, metavar="PORT", help="serve the replay's "
                    "Prometheus metrics at http://MONITOR_WEB_HOST:PORT/metrics while it runs")
     p.add_argument("--metrics-hold", type=float, default=0, metavar="SECONDS", help="with "
                    "--metrics-port: keep serving this long after the report (Ctrl-C stops)")
     add_send_email_options(p)
     p.set_defaults(run=run_replay)
+
+
+def _jobs(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of processes (1 or more)")
+    return int(text)
 
 
 def run_replay(args: argparse.Namespace) -> int:
@@ -194,15 +204,15 @@ def _replay_and_report(args: argparse.Namespace, exporter) -> int:  # noqa: ANN0
     as_of = parse_as_of(args.as_of) if args.as_of else None
     catalog = load_rules_dir(_rules_dir(args.rules))
     outbox = replay_outbox(args, catalog)  # None unless --send-email
-    stream, raw, size = open_log(args.log)
-    with stream:
-        lines = read_lines(stream, args.log)
-        if size and size > 20_000_000 and sys.stderr.isatty():
-            lines = _with_progress(lines, raw, size)
-        result = replay(lines, catalog, as_of, on_alert=outbox and outbox.add,
-                        trials=outbox and outbox.trials)
-    exporter.record(result, catalog)
-    report = result.to_json()
+    # the metrics exporter reads every trial's state: one process holds them all
+    jobs = 1 if exporter.port is not None else args.jobs
+    result = replay_log(args.log, catalog, as_of, jobs, _progress,
+                        on_alert=outbox and outbox.add, trials=outbox and outbox.trials)
+    try:
+        exporter.record(result, catalog)
+        report = result.to_json()
+    finally:
+        result.close()
     if args.format == "json":
         sys.stdout.buffer.write(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
     else:
@@ -215,6 +225,12 @@ def _replay_and_report(args: argparse.Namespace, exporter) -> int:  # noqa: ANN0
     status = outbox.send() if outbox else EXIT_OK
     exporter.linger(Console(stderr=True, highlight=False).print)
     return status
+
+
+def _progress(lines, raw, size):  # noqa: ANN001, ANN202
+    if size and size > 20_000_000 and sys.stderr.isatty():
+        return _with_progress(lines, raw, size)
+    return lines
 
 
 def _with_progress(lines, raw, size):  # noqa: ANN001, ANN202

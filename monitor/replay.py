@@ -17,10 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+import msgspec
+
 from .engine.alerts import AlertTransition
-from .engine.events import Rejection, parse_event
+from .engine.events import Rejection, decode_event, parse_event
 from .engine.rules import TrialRules
-from .engine.state import DUPLICATE
+from .engine.state import DUPLICATE, step
 from .engine.trials import Trials
 
 GZIP_MAGIC = b"\x1f\x8b"
@@ -32,7 +34,7 @@ class LogUnreadable(Exception):
 
 @dataclass
 class ReplayResult:
-    trials: Trials
+    trials: Trials  # or, after a replay over several processes, `shards.ShardedTrials`
     as_of: dt.datetime | None
     read: int = 0
     accepted: int = 0
@@ -41,6 +43,14 @@ class ReplayResult:
     alerts: list[AlertTransition] = field(default_factory=list)
     alert_lines: list[int] = field(default_factory=list)
     rejected: list[dict] = field(default_factory=list)
+    first_lines: dict[str, int] = field(default_factory=dict)  # trial: its first event's line
+
+    def close(self) -> None:
+        """Let go of the processes that hold the trials of a replay over several
+        (`monitor.shards`); nothing to do for one."""
+        close = getattr(self.trials, "close", None)
+        if close is not None:
+            close()
 
     @property
     def effective_as_of(self) -> dt.datetime:
@@ -75,6 +85,15 @@ def replay(lines: Iterable[bytes], catalog: dict[str, TrialRules],
            trials: Trials | None = None) -> ReplayResult:
     """Run a log through the engine. ``lines`` are raw lines, numbered from 1. Pass
     ``trials`` to see the trials' state from ``on_alert`` (e-mail shows their counts)."""
+    return replay_numbered(enumerate(lines, 1), catalog, as_of, on_alert, trials)
+
+
+def replay_numbered(lines: Iterable[tuple[int, bytes]], catalog: dict[str, TrialRules],
+                    as_of: dt.datetime | None = None,
+                    on_alert: Callable[[AlertTransition], None] | None = None,
+                    trials: Trials | None = None) -> ReplayResult:
+    """`replay` of ``(line number, raw line)`` pairs: some of a log's lines, numbered as
+    in the whole log (`monitor.shards` gives each process its trials' lines)."""
     result = ReplayResult(trials if trials is not None else Trials(catalog), as_of)
     collecting = gc.isenabled()
     gc.disable()  # the engine makes no reference cycles; scanning its growing heap frees
@@ -86,29 +105,43 @@ def replay(lines: Iterable[bytes], catalog: dict[str, TrialRules],
     return result
 
 
-def _replay_into(result: ReplayResult, lines: Iterable[bytes], as_of: dt.datetime | None,
+def _replay_into(result: ReplayResult, lines: Iterable[tuple[int, bytes]],
+                 as_of: dt.datetime | None,
                  on_alert: Callable[[AlertTransition], None] | None) -> None:
-    apply = result.trials.apply
-    for number, raw in enumerate(lines, 1):
+    trials, trial_of = result.trials.trials, result.trials.trial
+    found, found_lines = result.alerts, result.alert_lines
+    read = accepted = duplicates = after_as_of = 0  # locals: this loop runs for every line
+    for number, raw in lines:
         if raw.isspace() or not raw:
             continue  # a blank line holds no message
-        result.read += 1
-        event = parse_event(raw)
+        read += 1
+        try:
+            event = decode_event(raw)  # parse_event's own first step, without its call
+        except (msgspec.DecodeError, UnicodeDecodeError):
+            event = parse_event(raw)  # a Rejection that says what is wrong
         if type(event) is Rejection:
             result.rejected.append(rejection_json(number, raw, event))
         elif as_of is not None and event.recorded_at > as_of:
-            result.after_as_of += 1
+            after_as_of += 1
         else:
-            outcome, _record, alerts = apply(event)
+            trial = trials.get(event.trial_id)  # Trials.apply, inline
+            if trial is None:
+                trial = trial_of(event.trial_id)
+                result.first_lines[event.trial_id] = number
+            outcome, _record, alerts = step(trial, event)[1]
             if outcome is DUPLICATE:
-                result.duplicates += 1
+                duplicates += 1
                 continue
-            result.accepted += 1
+            accepted += 1
             for alert in alerts:
-                result.alerts.append(alert)
-                result.alert_lines.append(number)
+                found.append(alert)
+                found_lines.append(number)
                 if on_alert is not None:
                     on_alert(alert)
+    result.read += read
+    result.accepted += accepted
+    result.duplicates += duplicates
+    result.after_as_of += after_as_of
 
 
 def rejection_json(number: int, raw: bytes, rejection: Rejection) -> dict:
@@ -137,8 +170,21 @@ def read_lines(stream: BinaryIO, source: str) -> Iterator[bytes]:
     """The log's lines; a read error (corrupt gzip, I/O) becomes `LogUnreadable`."""
     try:
         yield from stream
-    except (OSError, EOFError, gzip.BadGzipFile, io.UnsupportedOperation) as exc:
+    except _READ_ERRORS as exc:
         raise LogUnreadable(f"{source}: the log cannot be read to the end: {exc}") from None
+
+
+def read_chunks(stream: BinaryIO, source: str, size: int = 1 << 20) -> Iterator[list[bytes]]:
+    """`read_lines` a list at a time (about ``size`` bytes of lines), for a caller that
+    looks at every line but keeps few."""
+    try:
+        while chunk := stream.readlines(size):
+            yield chunk
+    except _READ_ERRORS as exc:
+        raise LogUnreadable(f"{source}: the log cannot be read to the end: {exc}") from None
+
+
+_READ_ERRORS = (OSError, EOFError, gzip.BadGzipFile, io.UnsupportedOperation)
 
 
 def parse_as_of(text: str) -> dt.datetime:

@@ -117,14 +117,15 @@ def transition_of(trial_id: str, rule, entry: LedgerEntry, before: tuple[str, ..
                   result: RuleResult, transition: str, event_id: str,
                   recorded_at: dt.datetime) -> AlertTransition:
     """The alert message for a decision already recorded in ``entry``."""
-    now, was = set(result.evidence_keys), set(before)
+    keys = result.evidence_keys
+    now, was = set(keys), set(before)
     return AlertTransition(
         id=alert_id(trial_id, rule.id, entry.episode), trial_id=trial_id, rule_id=rule.id,
         kind=rule.kind, severity=rule.severity, episode=entry.episode,
         sequence=entry.sequence, transition=transition, event_id=event_id,
         recorded_at=recorded_at, value=result.value, threshold=result.threshold,
         evidence=result.evidence,
-        added=tuple(k for k in result.evidence_keys if k not in was),
+        added=tuple(k for k in keys if k not in was),
         removed=tuple(k for k in before if k not in now), detail=result.detail)
 
 

@@ -199,4 +199,5 @@ class BoundaryTracker(Tally):
             **self.rule.detail(subjects, count),
         }
         threshold = subjects + 1 if stop is None else stop
-        return RuleResult(count, threshold, self.breached(), self.all_items(), detail)
+        return RuleResult(count, threshold, self.breached(), self.all_items(), detail,
+                          self.evidence_keys())

@@ -180,7 +180,14 @@ class LabResult(BaseEvent, tag="lab_result"):
     collected_on: dt.date | None = None  # derived
 
     def __post_init__(self) -> None:
-        self.collected_on = parse_day("collected_at", self.collected_at)
+        text = self.collected_at
+        if len(text) >= 10:  # parse_day inline (every lab result passes here), then its errors
+            try:
+                self.collected_on = dt.date.fromisoformat(text[:10])
+                return
+            except ValueError:
+                pass
+        self.collected_on = parse_day("collected_at", text)
 
 
 Event = Infusion | AdverseEvent | SubjectStatus | RegulatoryReport | LabResult
@@ -195,6 +202,11 @@ class Rejection(msgspec.Struct, frozen=True, kw_only=True):
     event_id: str | None = None
     trial_id: str | None = None
     type: str | None = None
+
+
+# parse_event's first step alone, for a loop over many lines: an Event, or raises
+# msgspec.DecodeError (then parse_event says why)
+decode_event = _decoder.decode
 
 
 def parse_event(raw: bytes | str) -> Event | Rejection:

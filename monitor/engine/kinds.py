@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-from bisect import insort
+from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from typing import Annotated, ClassVar, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
@@ -55,18 +56,22 @@ class EvidenceItem(NamedTuple):
         return out
 
 
+# EvidenceItem(...) without the NamedTuple's Python-level constructor (a third of the
+# cost): every matching adverse event makes one
+_evidence_item = partial(tuple.__new__, EvidenceItem)
+
+
 class RuleResult(NamedTuple):
-    """A rule's state now: value against threshold, and the evidence behind the value."""
+    """A rule's state now: value against threshold, and the evidence behind the value
+    (with each item's key, in the same order: the tracker keeps them, and an alert
+    compares them several times)."""
 
     value: float
     threshold: float
     breached: bool
     evidence: tuple[EvidenceItem, ...]
     detail: dict
-
-    @property
-    def evidence_keys(self) -> tuple[str, ...]:
-        return tuple(item.key for item in self.evidence)
+    evidence_keys: tuple[str, ...]
 
 
 Check = Callable[[AdverseEvent, Placement, Sequence[dt.date]], bool]
@@ -96,6 +101,11 @@ class Match(BaseModel):
         """The conditions besides the window, compiled once: they run for every AE."""
         return self._checks
 
+    @property
+    def checks_after_grade(self) -> tuple[Check, ...]:
+        """`checks` but ``grade_min`` (the first), for a caller that compares it inline."""
+        return self._checks[1:] if self.grade_min is not None else self._checks
+
     def matches(self, ae: AdverseEvent, placement: Placement,
                 infusions: Sequence[dt.date]) -> bool:
         """All given conditions hold."""
@@ -107,7 +117,7 @@ class Match(BaseModel):
         return True
 
     def _compile(self) -> Iterator[Check]:
-        if (grade := self.grade_min) is not None:
+        if (grade := self.grade_min) is not None:  # first: see checks_after_grade
             yield lambda ae, p, d: ae.grade >= grade
         if (serious := self.serious) is not None:
             yield lambda ae, p, d: ae.serious is serious
@@ -175,9 +185,9 @@ class Rule(BaseModel):
         return ()
 
     def item(self, subject_id: str, ae: AdverseEvent, placement: Placement) -> EvidenceItem:
-        return EvidenceItem(subject_id, ae.ae_id, ae.term, ae.grade, ae.serious,
-                            ae.relatedness, placement.day, placement.onset,
-                            self.group_of(ae))
+        return _evidence_item((subject_id, ae.ae_id, ae.term, ae.grade, ae.serious,
+                               ae.relatedness, placement.day, placement.onset,
+                               self.group_of(ae)))
 
     def group_of(self, ae: AdverseEvent) -> str | None:
         return None
@@ -186,14 +196,16 @@ class Rule(BaseModel):
 class Tally:
     """Evidence items by subject, as the engine reports them; shared by the kinds."""
 
-    __slots__ = ("items", "subjects_with", "events")
+    __slots__ = ("items", "subjects_with", "events", "_keys")
 
     def __init__(self) -> None:
         self.items: dict[str, dict[str, EvidenceItem]] = {}
         self.events = 0
+        self._keys: tuple[str, ...] | None = None  # evidence_keys, until an item comes or goes
 
     def set(self, subject_id: str, key: str, item: EvidenceItem | None) -> bool:
-        """Record (or clear, with None) one item; True when the tally changed."""
+        """Record (or clear, with None) one item; True when the tally changed (False
+        tells the engine that the rule's result cannot have changed)."""
         mine = self.items.get(subject_id)
         old = mine.get(key) if mine else None
         if old == item:
@@ -201,13 +213,16 @@ class Tally:
         if item is None:
             del mine[key]
             self.events -= 1
+            self._keys = None
             if not mine:
                 del self.items[subject_id]
         else:
             if mine is None:
                 mine = self.items[subject_id] = {}
             mine[key] = item
-            self.events += old is None
+            if old is None:
+                self.events += 1
+                self._keys = None
         return True
 
     def breached(self) -> bool:
@@ -215,9 +230,12 @@ class Tally:
         return self.value() >= self.rule.threshold
 
     def evidence_keys(self) -> tuple[str, ...]:
-        """The keys of `result`'s evidence, without building it (what an update compares)."""
-        return tuple(f"{subject_id}/{key}" for subject_id in sorted(self.items)
-                     for key in sorted(self.items[subject_id]))
+        """The keys of `result`'s evidence, without building it (what an update compares):
+        ``subject/key`` in the order of `all_items` (an item's ``ae_id`` is its key)."""
+        if self._keys is None:
+            self._keys = tuple(f"{subject_id}/{key}" for subject_id in sorted(self.items)
+                               for key in sorted(self.items[subject_id]))
+        return self._keys
 
     def all_items(self) -> tuple[EvidenceItem, ...]:
         return tuple(sorted((i for m in self.items.values() for i in m.values()), key=_order))
@@ -251,7 +269,7 @@ class CountTracker(Tally):
     def result(self) -> RuleResult:  # sorts the evidence: call when it is needed
         value = self.value()
         return RuleResult(value, self.rule.threshold, value >= self.rule.threshold,
-                          self.all_items(), {"count": self.count})
+                          self.all_items(), {"count": self.count}, self.evidence_keys())
 
 
 class ClusterRule(Rule):
@@ -280,84 +298,142 @@ class ClusterRule(Rule):
 
 
 class ClusterTracker(Tally):
-    """Matching items by group, each group kept sorted by onset with its densest window
-    cached, so an AE costs work in its own group only."""
+    """Matching items by group (`ClusterGroup`): an AE costs work in its own group only,
+    and there only around its onset."""
 
-    __slots__ = ("rule", "groups", "best", "dirty")
+    __slots__ = ("rule", "groups", "sizes", "_best")
 
     def __init__(self, rule: ClusterRule) -> None:
         super().__init__()
         self.rule = rule
-        self.groups: dict[str, list[tuple]] = {}
-        self.best: dict[str, tuple[int, tuple[EvidenceItem, ...]]] = {}
-        self.dirty: set[str] = set()
+        self.groups: dict[str, ClusterGroup] = {}
+        self.sizes: dict[str, int] = {}  # each group's densest window, in subjects
+        self._best: tuple[int, str | None] | None = None  # (value, group), until a change
 
     def set(self, subject_id: str, key: str, item: EvidenceItem | None) -> bool:
+        """As `Tally.set`, but False also when the rule's value and evidence stay the
+        same: the densest group kept its densest window, and no other group caught up."""
         mine = self.items.get(subject_id)
         old = mine.get(key) if mine else None
-        if not super().set(subject_id, key, item):
+        if not Tally.set(self, subject_id, key, item):
             return False
+        size, best = self._best_group()
+        within_days = self.rule.within_days
+        touched = []  # (group, whether its densest window may have changed)
         if old is not None:
-            self.groups[old.group].remove(_sort_key(old))
-            self.dirty.add(old.group)
-        if item is not None:
-            insort(self.groups.setdefault(item.group, []), _sort_key(item))
-            self.dirty.add(item.group)
-        return True
-
-    def _refresh(self) -> None:
-        for group in self.dirty:
-            members = self.groups.get(group)
-            if members:
-                size, window = densest_window(members, self.rule.within_days)
-                self.best[group] = (size, tuple(sorted(window, key=_order)))
+            group = self.groups[old.group]
+            touched.append((old.group, group.remove(_sort_key(old), within_days)))
+            if group.ordered:
+                self.sizes[old.group] = group.size
             else:
-                self.groups.pop(group, None)
-                self.best.pop(group, None)
-        self.dirty.clear()
+                del self.groups[old.group], self.sizes[old.group]
+        if item is not None:
+            group = self.groups.get(item.group)
+            if group is None:
+                group = self.groups[item.group] = ClusterGroup()
+            touched.append((item.group, group.add(_sort_key(item), within_days)))
+            self.sizes[item.group] = group.size
+        for name, moved in touched:
+            if name == best:
+                stays = not moved  # the densest group kept its densest window
+            else:  # still below the densest group, or level with it and after it by name
+                stays = best is not None and (self.sizes.get(name, 0), best) < (size, name)
+            if not stays:
+                self._best = None
+                return True
+        return False
+
+    def _best_group(self) -> tuple[int, str | None]:
+        """The densest window's size, and its group (the first by name on a tie)."""
+        if self._best is None:
+            size = max(self.sizes.values(), default=0)
+            self._best = size, min((g for g, n in self.sizes.items() if n == size), default=None)
+        return self._best
 
     def value(self) -> int:
-        self._refresh()
-        return max((size for size, _ in self.best.values()), default=0)
-
-    def _best_group(self) -> str | None:
-        size = self.value()
-        return min((g for g, (n, _) in self.best.items() if n == size), default=None)
+        return self._best_group()[0]
 
     def evidence_keys(self) -> tuple[str, ...]:
-        group = self._best_group()
-        members = self.best[group][1] if group is not None else ()
-        return tuple(f"{item.subject_id}/{item.ae_id}" for item in members)
+        group = self._best_group()[1]
+        return self.groups[group].best(self.rule.within_days)[1] if group is not None else ()
 
     def result(self) -> RuleResult:
-        size, group = self.value(), self._best_group()
-        members = self.best[group][1] if group is not None else ()
+        size, group = self._best_group()
+        members, keys = self.groups[group].best(self.rule.within_days) \
+            if group is not None else ((), ())
         return RuleResult(size, self.rule.subjects, size >= self.rule.subjects, members,
                           {"group": group, "by": self.rule.by,
-                           "within_days": self.rule.within_days})
+                           "within_days": self.rule.within_days}, keys)
+
+
+class ClusterGroup:
+    """One group's items in onset order (`_sort_key` tuples) and, for each position, the
+    distinct subjects of the window that ends there (``sizes``). Adding or removing an
+    item changes only the windows that end within ``within_days`` after its onset, so
+    only those are counted again; the densest window is then the first largest size,
+    which is what counting every window finds (the tests hold it to that)."""
+
+    __slots__ = ("ordered", "sizes", "size", "end", "_best")
+
+    def __init__(self) -> None:
+        self.ordered: list[tuple] = []
+        self.sizes: list[int] = []
+        self.size, self.end = 0, -1  # the densest window: its subjects, its last position
+        self._best: tuple[tuple[EvidenceItem, ...], tuple[str, ...]] | None = None
+
+    def add(self, entry: tuple, within_days: int) -> bool:
+        """Add an item; True when the densest window may have changed."""
+        at = bisect_left(self.ordered, entry)
+        self.ordered.insert(at, entry)
+        self.sizes.insert(at, 0)
+        return self._resize(at, entry[0], within_days)
+
+    def remove(self, entry: tuple, within_days: int) -> bool:
+        """Remove an item; True when the densest window may have changed."""
+        at = bisect_left(self.ordered, entry)  # entries are unique: (day, subject, ae, item)
+        del self.ordered[at], self.sizes[at]
+        return self._resize(at, entry[0], within_days)
+
+    def _resize(self, at: int, day: int, within_days: int) -> bool:
+        """Count again the windows ending at ``at`` .. the last onset ``within_days``
+        after ``day``: the only ones an item at ``at`` with that onset is in."""
+        ordered, sizes = self.ordered, self.sizes
+        last = bisect_left(ordered, (day + within_days + 1,)) - 1  # (n,) sorts before (n, ...)
+        if at <= last:
+            start = bisect_left(ordered, (ordered[at][0] - within_days,))
+            subjects: dict[str, int] = {}
+            for end in range(start, last + 1):
+                end_day, subject_id = ordered[end][0], ordered[end][1]
+                subjects[subject_id] = subjects.get(subject_id, 0) + 1
+                while end_day - ordered[start][0] > within_days:
+                    left = ordered[start][1]
+                    subjects[left] -= 1
+                    if not subjects[left]:
+                        del subjects[left]
+                    start += 1
+                if end >= at:
+                    sizes[end] = len(subjects)
+        size = max(sizes, default=0)
+        end = sizes.index(size) if sizes else -1
+        if size == self.size and end == self.end < at:
+            return False  # the same window, ending before any position that moved
+        self.size, self.end, self._best = size, end, None
+        return True
+
+    def best(self, within_days: int) -> tuple[tuple[EvidenceItem, ...], tuple[str, ...]]:
+        """The items of the densest window (the earliest on a tie) and their keys."""
+        if self._best is None:
+            end = self.end
+            start = bisect_left(self.ordered, (self.ordered[end][0] - within_days,), 0, end)
+            members = tuple(sorted((entry[3] for entry in self.ordered[start:end + 1]),
+                                   key=_order))
+            self._best = members, tuple(f"{i.subject_id}/{i.ae_id}" for i in members)
+        return self._best
 
 
 def _sort_key(item: EvidenceItem) -> tuple:
     return (item.onset.toordinal(), item.subject_id, item.ae_id, item)
 
-
-def densest_window(ordered: list[tuple], within_days: int) -> tuple[int, tuple]:
-    """The most distinct subjects whose onsets lie within ``within_days`` of each other,
-    and the items of that window (the earliest such window on a tie). ``ordered`` holds
-    `_sort_key` tuples in order."""
-    subjects: dict[str, int] = {}
-    best, best_span, start = 0, (0, 0), 0
-    for end, (day, subject_id, _ae, _item) in enumerate(ordered):
-        subjects[subject_id] = subjects.get(subject_id, 0) + 1
-        while day - ordered[start][0] > within_days:
-            left = ordered[start][1]
-            subjects[left] -= 1
-            if not subjects[left]:
-                del subjects[left]
-            start += 1
-        if len(subjects) > best:
-            best, best_span = len(subjects), (start, end + 1)
-    return best, tuple(entry[3] for entry in ordered[best_span[0]:best_span[1]])
 
 
 class DosingWhileHalted(Rule):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
+from functools import partial
 from sys import intern
 from typing import NamedTuple
 
@@ -45,7 +46,6 @@ from .window import Placement, WindowLength, place_onset
 
 ACCEPTED, DUPLICATE, REDELIVERED = "accepted", "duplicate", "redelivered"
 HEADER, AE, LAB = "header", "ae", "lab"
-_NEW = object()
 
 
 def _zero_by_type() -> dict[str, int]:
@@ -166,7 +166,8 @@ class TrialState:
     # derived, rebuilt by `rebuild`:
     counts: Counts = field(default_factory=Counts)
     window: WindowLength = WindowLength()
-    ae_plan: tuple[tuple, ...] = ()  # (rule, in-window only, checks, tracker) per AE rule
+    # per AE rule: (rule, in-window only, lowest grade, the other checks, tracker)
+    ae_plan: tuple[tuple, ...] = ()
     trackers: dict[str, object] = field(default_factory=dict)
     infusion_days: dict[str, tuple[dt.date, dt.date, list[dt.date]]] = field(default_factory=dict)
 
@@ -195,8 +196,9 @@ def rebuild(trial: TrialState) -> TrialState:
         trial.ledger.setdefault(rule.id, alerts.LedgerEntry(rule.id, rule.severity))
     trial.window = trial.rules.window.length if trial.rules else WindowLength()
     trial.trackers = {rule.id: rule.tracker() for rule in rules}
-    trial.ae_plan = tuple((r, r.match.in_window, r.match.checks + r.extra_checks(),
-                           trial.trackers[r.id]) for r in rules if r.watches_adverse_events)
+    trial.ae_plan = tuple((r, r.match.in_window, r.match.grade_min or 1,
+                           r.match.checks_after_grade + r.extra_checks(), trial.trackers[r.id])
+                          for r in rules if r.watches_adverse_events)
     trial.infusion_days, trial.counts = {}, Counts()
     for subject in trial.subjects.values():
         _count_subject(trial.counts, subject)
@@ -233,16 +235,42 @@ def step(trial: TrialState, event: Event,
     if subject is None:
         subject = trial.subjects[event.subject_id] = Subject(event.subject_id)
     kind = type(event)
-    seen, record = _SEEN[kind](subject, event)
-    known = seen.first.get(event.event_id, _NEW)
-    if known is not _NEW:
-        return trial, Changes(_repeat(trial, seen, event, position, _TAGS[kind]), record)
-    seen.first[event.event_id] = position
-    _count(trial.counts, subject.header, _TAGS[kind], event)
-    dirty = _APPLY[kind](trial, subject, event)
+    tag, apply = _KINDS[kind]
+    # the record that takes the message (its own Seen), and its key for the caller
+    if kind is LabResult:
+        held = subject.labs.get(event.test)
+        if held is None:
+            held = subject.labs[event.test] = LabSeries()
+        seen, record = held.seen, (LAB, event.test)
+    elif kind is AdverseEvent:
+        held = subject.aes.get(event.ae_id)
+        if held is None:
+            held = subject.aes[event.ae_id] = AeHistory()
+        seen, record = held.seen, (AE, event.ae_id)
+    else:
+        held = subject.header
+        seen, record = held.seen[tag], None
+    event_id = event.event_id
+    if event_id in seen.first:
+        return trial, _changes((_repeat(trial, seen, event, position, tag), record, ()))
+    seen.first[event_id] = position
+    # counting (inline: every event passes here)
+    counts, header, recorded_at = trial.counts, subject.header, event.recorded_at
+    counts.accepted[tag] += 1
+    if header.last_recorded_at is None or recorded_at > header.last_recorded_at:
+        header.last_recorded_at, header.last_event_id = recorded_at, event_id
+        if counts.last_recorded_at is None or recorded_at > counts.last_recorded_at:
+            counts.last_recorded_at, counts.last_event_id = recorded_at, event_id
+    dirty = apply(trial, subject, held, event)
     if not dirty:
-        return trial, Changes(ACCEPTED, record)
-    return trial, Changes(ACCEPTED, record, tuple(tracking.evaluate(trial, dirty, event)))
+        return trial, _ACCEPTED_HEADER if record is None else _changes((ACCEPTED, record, ()))
+    return trial, _changes((ACCEPTED, record, tuple(tracking.evaluate(trial, dirty, event))))
+
+
+# A NamedTuple's own constructor is a Python-level call; tuple.__new__ makes the same
+# tuple at a third of the cost, and every event makes one `Changes`.
+_changes = partial(tuple.__new__, Changes)
+_ACCEPTED_HEADER = Changes(ACCEPTED)
 
 
 def _repeat(trial: TrialState, seen: Seen, event: Event, position: int | None,
@@ -260,100 +288,76 @@ def _repeat(trial: TrialState, seen: Seen, event: Event, position: int | None,
     return DUPLICATE
 
 
-def _count(counts: Counts, header: SubjectHeader, tag: str, event: Event) -> None:
-    counts.accepted[tag] += 1
-    if header.last_recorded_at is None or event.recorded_at > header.last_recorded_at:
-        header.last_recorded_at, header.last_event_id = event.recorded_at, event.event_id
-        if counts.last_recorded_at is None or event.recorded_at > counts.last_recorded_at:
-            counts.last_recorded_at, counts.last_event_id = event.recorded_at, event.event_id
-
-
-# --- where each kind of message is remembered ----------------------------------------
-
-def _seen_ae(subject: Subject, ae: AdverseEvent) -> tuple[Seen, tuple[str, str]]:
-    history = subject.aes.get(ae.ae_id)
-    if history is None:
-        history = subject.aes[ae.ae_id] = AeHistory()
-    return history.seen, (AE, ae.ae_id)
-
-
-def _seen_lab(subject: Subject, lab: LabResult) -> tuple[Seen, tuple[str, str]]:
-    series = subject.labs.get(lab.test)
-    if series is None:
-        series = subject.labs[lab.test] = LabSeries()
-    return series.seen, (LAB, lab.test)
-
-
-def _seen_header(subject: Subject, event: Event) -> tuple[Seen, None]:
-    return subject.header.seen[_TAGS[type(event)]], None
-
-
-_SEEN = {AdverseEvent: _seen_ae, LabResult: _seen_lab, Infusion: _seen_header,
-         SubjectStatus: _seen_header, RegulatoryReport: _seen_header}
-
-
 # --- applying each kind of message ---------------------------------------------------
 
-def _apply_ae(trial: TrialState, subject: Subject, ae: AdverseEvent) -> list[Rule]:
-    _share_strings(trial, subject, ae)
-    history = subject.aes[ae.ae_id]
-    before = history.current if history.versions else None
-    rival = history.versions.get(ae.version)
-    if rival is None or _wins(ae, rival):
-        history.versions[ae.version] = ae
-    history.conflicts += rival is not None
-    if history.current is before:
-        return []
-    return tracking.track_ae(trial, subject.subject_id, history.current)
-
-
-def _share_strings(trial: TrialState, subject: Subject, ae: AdverseEvent) -> None:
-    """Kept AEs share one copy of the strings that repeat (memory, not meaning)."""
-    ae.trial_id, ae.subject_id = trial.trial_id, subject.subject_id
-    ae.term = intern(ae.term)
+def _apply_ae(trial: TrialState, subject: Subject, history: AeHistory,
+              ae: AdverseEvent) -> list[Rule]:
+    # kept AEs share one copy of the strings that repeat (memory, not meaning)
+    ae.trial_id, ae.subject_id, ae.term = trial.trial_id, subject.subject_id, intern(ae.term)
     if ae.meddra_pt is not None:
         ae.meddra_pt = intern(ae.meddra_pt)
     if ae.meddra_soc is not None:
         ae.meddra_soc = intern(ae.meddra_soc)
+    versions = history.versions
+    if not versions:  # the usual case: the AE's first message
+        versions[ae.version] = ae
+        return tracking.track_ae(trial, subject.subject_id, ae, first=True)
+    before = versions[max(versions)]
+    rival = versions.get(ae.version)
+    if rival is None or _wins(ae, rival):
+        versions[ae.version] = ae
+    history.conflicts += rival is not None
+    current = versions[max(versions)]
+    if current is before:
+        return []
+    return tracking.track_ae(trial, subject.subject_id, current)
 
 
 def _wins(ae: AdverseEvent, rival: AdverseEvent) -> bool:
     return (ae.recorded_at, ae.event_id) > (rival.recorded_at, rival.event_id)
 
 
-def _apply_infusion(trial: TrialState, subject: Subject, infusion: Infusion) -> list[Rule]:
-    newly_infused = not subject.header.infusions
-    subject.header.infusions.append(infusion)
+def _apply_infusion(trial: TrialState, subject: Subject, header: SubjectHeader,
+                    infusion: Infusion) -> list[Rule]:
+    newly_infused = not header.infusions
+    header.infusions.append(infusion)
     tracking.cache_infusions(trial, subject)
     dirty = tracking.track_subject(trial, subject)
     if newly_infused:
         dirty += tracking.track_infused(trial)
-    return dirty + tracking.track_halts(trial)
+    # the halt episodes have not changed since the trackers last saw them (alerts come
+    # only after this): the new infusion is all that a rule watching halts can gain
+    return dirty + tracking.track_halts(trial, [(subject.subject_id, infusion)])
 
 
-def _apply_status(trial: TrialState, subject: Subject, status: SubjectStatus) -> list[Rule]:
-    subject.header.statuses.append(status)
+def _apply_status(trial: TrialState, subject: Subject, header: SubjectHeader,
+                  status: SubjectStatus) -> list[Rule]:
+    header.statuses.append(status)
     return []
 
 
-def _apply_report(trial: TrialState, subject: Subject, report: RegulatoryReport) -> list[Rule]:
-    known = subject.header.reports.get(report.ae_id)
+def _apply_report(trial: TrialState, subject: Subject, header: SubjectHeader,
+                  report: RegulatoryReport) -> list[Rule]:
+    known = header.reports.get(report.ae_id)
     if known is None or report.submitted_at < known.submitted_at:
-        subject.header.reports[report.ae_id] = report
+        header.reports[report.ae_id] = report
     return []
 
 
-def _apply_lab(trial: TrialState, subject: Subject, lab: LabResult) -> list[Rule]:
-    subject.labs[lab.test].results.append(
-        Lab(intern(lab.test), lab.value, intern(lab.unit), lab.collected_on, lab.uln,
-            lab.lln, lab.dialysis))
+def _apply_lab(trial: TrialState, subject: Subject, series: LabSeries,
+               lab: LabResult) -> list[Rule]:
+    series.results.append(_lab(
+        (intern(lab.test), lab.value, intern(lab.unit), lab.collected_on, lab.uln, lab.lln,
+         lab.dialysis)))
     return []
 
 
-_TAGS = {kind: kind.__struct_config__.tag for kind in
-         (AdverseEvent, Infusion, SubjectStatus, RegulatoryReport, LabResult)}
-_APPLY = {AdverseEvent: _apply_ae, Infusion: _apply_infusion, SubjectStatus: _apply_status,
-          RegulatoryReport: _apply_report, LabResult: _apply_lab}
+_lab = partial(tuple.__new__, Lab)  # Lab(...) without its Python-level constructor
+
+# each kind of message: its tag, and how it is applied to its record
+_KINDS = {kind: (kind.__struct_config__.tag, apply) for kind, apply in (
+    (AdverseEvent, _apply_ae), (LabResult, _apply_lab), (Infusion, _apply_infusion),
+    (SubjectStatus, _apply_status), (RegulatoryReport, _apply_report))}
 
 
 def reconcile(trial: TrialState) -> list[alerts.AlertTransition]:

@@ -32,6 +32,7 @@ import operator
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from itertools import pairwise
 from statistics import NormalDist
 from types import MappingProxyType
@@ -260,6 +261,7 @@ def bayesian_boundary(
     return Boundary(looks, stop_at)
 
 
+@lru_cache(maxsize=4096)  # a bayesian rule's alerts ask again and again for few values
 def posterior_probability_above(
     rate: float, subjects: int, count: int, prior_a: float, prior_b: float
 ) -> float:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from . import alerts
 from .events import AdverseEvent, Infusion
 from .kinds import DosingWhileHalted, EvidenceItem, Rule
-from .window import IN_WINDOW
+from .window import IN_WINDOW, place_onset
 
 if TYPE_CHECKING:
     from .state import Subject, TrialState
@@ -21,31 +21,46 @@ def cache_infusions(trial: TrialState, subject: Subject) -> None:
     """(first infusion, last day of the window, every infusion day) of the subject."""
     if subject.infusions:
         days = sorted(i.infused_on for i in subject.infusions)
-        trial.infusion_days[subject.subject_id] = (days[0], trial.window.last_day(days[0]), days)
+        known = trial.infusion_days.get(subject.subject_id)
+        last = known[1] if known is not None and known[0] == days[0] \
+            else trial.window.last_day(days[0])  # the same first infusion: the same window
+        trial.infusion_days[subject.subject_id] = (days[0], last, days)
 
 
-def track_ae(trial: TrialState, subject_id: str, ae: AdverseEvent) -> list[Rule]:
-    """Give the AE's current version to every rule that looks at AEs.
+def track_ae(trial: TrialState, subject_id: str, ae: AdverseEvent,
+             first: bool = False) -> list[Rule]:
+    """Give the AE's current version to every rule that looks at AEs. ``first``: no
+    earlier version of this AE was ever current, so no rule counts it yet.
 
     This is `Rule.evidence_for` inline (it runs for every AE and every rule): the
-    window, then the rule's compiled checks; an AE that matches nothing and was never
-    counted costs no call to the tracker."""
+    window and grade, then the rule's other compiled checks; an AE that matches nothing
+    and was never counted costs no call to the tracker."""
     if not trial.ae_plan:
         return []
-    placement = trial.placement(subject_id, ae)
     known = trial.infusion_days.get(subject_id)
-    days = known[2] if known else ()
-    placed, in_window = placement.onset is not None, placement.period == IN_WINDOW
-    dirty, retracted, ae_id = [], ae.retracted, ae.ae_id
-    for rule, window_only, checks, tracker in trial.ae_plan:
+    if known is None:  # not placed (awaiting the first infusion): no rule counts it
+        if first:
+            return []
+        placement, days = place_onset(ae.onset_earliest, ae.onset_latest, None, None), ()
+    else:
+        placement = place_onset(ae.onset_earliest, ae.onset_latest, known[0], known[1])
+        days = known[2]
+    counts = placement.onset is not None and not ae.retracted
+    if first and not counts:
+        return []
+    in_window = placement.period == IN_WINDOW
+    dirty, ae_id, grade = [], ae.ae_id, ae.grade
+    for rule, window_only, grade_min, checks, tracker in trial.ae_plan:
         item = None
-        if placed and not retracted and (in_window or not window_only):
+        if counts and grade >= grade_min and (in_window or not window_only):
             for check in checks:
                 if not check(ae, placement, days):
                     break
             else:
                 item = rule.item(subject_id, ae, placement)
         if item is None:
+            if first:
+                continue
             mine = tracker.items.get(subject_id)
             if mine is None or ae_id not in mine:
                 continue
@@ -69,8 +84,11 @@ def track_infused(trial: TrialState) -> list[Rule]:
     return [r for r in rules if r.watches_infused and trial.trackers[r.id].infused(infused)]
 
 
-def track_halts(trial: TrialState) -> list[Rule]:
-    """Re-derive the rules that watch halts from every infusion and the halt episodes."""
+def track_halts(trial: TrialState,
+                infusions: list[tuple[str, Infusion]] | None = None) -> list[Rule]:
+    """Re-derive the rules that watch halts from the halt episodes and every infusion,
+    or only the ``(subject_id, infusion)`` given when the episodes are unchanged since
+    the last call."""
     dirty = []
     rules = trial.rules.rules if trial.rules else ()
     for rule in (r for r in rules if r.watches_halts):
@@ -78,11 +96,11 @@ def track_halts(trial: TrialState) -> list[Rule]:
         tracker, changed = trial.trackers[rule.id], False
         if not periods and not tracker.items:
             continue  # no halt ever, nothing counted: nothing can change
-        for subject in trial.subjects.values():
-            for infusion in subject.infusions:
-                item = _dosing_item(subject.subject_id, infusion) \
-                    if DosingWhileHalted.during_halt(infusion.recorded_at, periods) else None
-                changed |= tracker.set(subject.subject_id, infusion.event_id, item)
+        every = ((s.subject_id, i) for s in trial.subjects.values() for i in s.infusions)
+        for subject_id, infusion in every if infusions is None else infusions:
+            item = _dosing_item(subject_id, infusion) \
+                if DosingWhileHalted.during_halt(infusion.recorded_at, periods) else None
+            changed |= tracker.set(subject_id, infusion.event_id, item)
         if changed:
             dirty.append(rule)
     return dirty
