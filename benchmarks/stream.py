@@ -478,10 +478,9 @@ def fake_event(line: bytes, offset: int) -> SimpleNamespace:
 
 
 def written(pipeline, batch) -> Iterator[tuple[str, bytes]]:  # noqa: ANN001
-    """The table rows a batch writes (checkpoints with journal, subject rows, and the
-    checkpoints that empty the outbox); the tansu-only marker rows are left out."""
-    writes = pipeline.plan(batch, dt.datetime.now(dt.UTC))
-    for rows in (*writes.first.values(), *writes.then.values()):
+    """The table rows a batch writes (checkpoints with journal, subject rows); the
+    tansu-only marker rows are left out."""
+    for rows in pipeline.plan(batch, dt.datetime.now(dt.UTC)).rows.values():
         yield from rows
 
 

@@ -5,12 +5,12 @@ letters. The engine state of the trials on this worker's partitions lives in mem
 (`Pipeline.trials`); the table ``state`` is its durable copy, written once per batch
 and per changed record, not once per event (see `monitor.engine.records`).
 
-A batch is written in this order (`flush`): per trial, its checkpoint (ledger, the
-batch's subject rows as a journal, the batch's alert messages as an outbox), then its
-subject rows; once the broker has all of them, the alerts; once it has those, the
-checkpoints again with an empty outbox. A crash at any point leaves a table from which
-`Pipeline.load` rebuilds each trial exactly as its last checkpointed batch left it and
-re-sends that batch's outbox (same keys: the e-mail ledger drops what it already sent).
+A batch is written in this order (`flush`): its alerts; once the broker has them, per
+trial its checkpoint (the ledger, and the batch's subject rows as a journal), then its
+subject rows. A crash before the checkpoint is durable loses nothing: the batch's
+events come again, and from the same state `step` decides the same alerts again (same
+keys; the e-mail ledger drops what it already sent). A crash after it leaves a table
+from which `Pipeline.load` rebuilds each trial exactly as the batch left it.
 
 Delivery is at least once; the engine makes it effectively once: a message redelivered
 after a crash (same event id, same partition and offset) changes nothing.
@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 RETRY_SECONDS = 1.0  # before sending again what the broker did not take
 OFFSET_BITS = 40  # position = partition << 40 | offset
+JOURNAL_ROWS = 300  # subject rows in one trial's checkpoint, at most (see Batch.count)
 MARKER = "~"  # tansu only: the key of the row that ends a batch's writes to a partition
 
 
@@ -80,19 +81,27 @@ class Batch:
         self.last_event: dict[int, Any] = {}
         self.touched: dict[int, dict[str, dict[str, set]]] = defaultdict(
             lambda: defaultdict(lambda: defaultdict(set)))
+        self.rows: dict[str, int] = defaultdict(int)  # subject rows to write, by trial
         self.alerts: list[AlertTransition] = []
         self.dead: list[tuple[bytes | None, bytes]] = []
+        self.full = False  # write it now: a trial's checkpoint is as large as we allow
+
+    def count(self, trial_id: str, rows: int) -> None:
+        """Count subject rows of a trial; the batch is full once its checkpoint may
+        near what one Kafka message may hold (1 MB by default): `JOURNAL_ROWS` subject
+        rows, each well under 3 kB."""
+        self.rows[trial_id] += rows
+        if self.rows[trial_id] >= JOURNAL_ROWS:
+            self.full = True
 
 
 class Writes(NamedTuple):
-    """A batch's writes, in order: ``first`` the rows per partition (per trial, its
-    checkpoint with journal and outbox, then its subject rows); once the broker has
-    them, the ``alerts`` messages; once it has those, ``then`` the checkpoints of the
-    trials that had alerts, outbox emptied."""
+    """A batch's writes, in order: the ``alerts`` messages; once the broker has them,
+    the ``rows`` per partition (per trial, its checkpoint with the journal, then its
+    subject rows)."""
 
-    first: dict[int, list[tuple[str, bytes]]]
     alerts: list[tuple[bytes, bytes]]
-    then: dict[int, list[tuple[str, bytes]]]
+    rows: dict[int, list[tuple[str, bytes]]]
 
 
 class Pipeline:
@@ -122,7 +131,13 @@ class Pipeline:
         touched = batch.touched[message.partition][parsed.trial_id]
         if changes.outcome == REDELIVERED:
             return  # the trial gets a checkpoint: it writes what a journal loaded holds
-        touched[parsed.subject_id].add(changes.record)
+        changed = touched.get(parsed.subject_id)
+        if changed is None:
+            changed = touched[parsed.subject_id]
+            batch.count(parsed.trial_id, 1)  # the subject's header
+        if changes.record is not None and changes.record not in changed:
+            batch.count(parsed.trial_id, 1)
+        changed.add(changes.record)
         if changes.alerts:
             batch.alerts.extend(changes.alerts)
             if self.metrics is not None:
@@ -140,33 +155,24 @@ class Pipeline:
         return alert.id.encode(), orjson.dumps(alert_payload(alert, summary))
 
     def plan(self, batch: Batch, now: dt.datetime) -> Writes:
-        """What to write and send for a batch, in the order of `Writes`."""
-        outbox: dict[str, list[tuple[bytes, bytes]]] = defaultdict(list)
-        for alert in batch.alerts:
-            outbox[alert.trial_id].append(self.message(alert, now))
-        first, then = {}, {}
+        """What to send and write for a batch, in the order of `Writes`."""
+        rows = {}
         for partition, by_trial in batch.touched.items():
-            rows, sent = [], []
+            rows[partition] = written = []
             for trial_id, by_subject in by_trial.items():
                 trial = self.trials.trials[trial_id]
                 subjects = dict(self.unwritten.pop(trial_id, ()))
                 subjects.update(row for subject_id, changed in by_subject.items()
                                 for row in records.subject_records(trial, subject_id, changed))
                 subjects = list(subjects.items())
-                messages = [(key.decode(), value) for key, value in outbox.get(trial_id, ())]
-                rows.append(records.trial_record(trial, subjects, messages))
-                rows.extend(subjects)
-                if messages:
-                    sent.append(records.trial_record(trial))
-            first[partition] = rows
-            if sent:
-                then[partition] = sent
-        return Writes(first, [m for messages in outbox.values() for m in messages], then)
+                written.append(records.trial_record(trial, subjects))
+                written.extend(subjects)
+        return Writes([self.message(alert, now) for alert in batch.alerts], rows)
 
     def load(self, rows: Iterator[tuple[str, bytes]]) -> list[tuple[bytes, bytes]]:
         """Replace the trials in memory with those in the table. Returns the alert
-        messages to (re-)send: the outboxes of the last checkpoints, and what
-        `reconcile` finds the ledger has not recorded (e.g. after a rules change)."""
+        messages to send: what `reconcile` finds the ledger has not recorded (after a
+        change of the rules, say)."""
         by_trial: dict[str, list] = defaultdict(list)
         for key, value in rows:
             if not key.startswith(MARKER):
@@ -175,12 +181,11 @@ class Pipeline:
         messages: list[tuple[bytes, bytes]] = []
         now = dt.datetime.now(dt.UTC)
         for trial_id, rows_of_trial in by_trial.items():
-            trial, journal, outbox = records.load(
+            trial, journal = records.load(
                 trial_id, self.trials.catalog.get(trial_id), rows_of_trial)
             self.trials.trials[trial_id] = trial
             if journal:
                 self.unwritten[trial_id] = journal
-            messages.extend((key.encode(), value) for key, value in outbox)
             messages.extend(self.message(alert, now) for alert in reconcile(trial))
         self.loaded = True
         return messages
@@ -289,6 +294,9 @@ def build_app(settings: Settings, catalog: dict[str, TrialRules],
             started, batch = time.monotonic(), Batch()
             for event in batch_events:
                 pipeline.handle(batch, event)
+                if batch.full:  # the events are acked once the whole batch is written
+                    await flush(batch, pipeline, sink, dead, alerts_out)
+                    batch = Batch()
             await flush(batch, pipeline, sink, dead, alerts_out)
             if metrics is not None:
                 metrics.observe_latency(time.monotonic() - started, len(batch_events))
@@ -368,24 +376,20 @@ class Sink:
 async def flush(batch: Batch, pipeline: Pipeline, sink: Sink, dead: Any,
                 alerts_out: Any) -> None:
     """Write the batch (see the module's docstring for the order and why)."""
-    # plan and write to the table before the first await: a rebalance may replace the
-    # trials in memory while this coroutine waits
+    # plan before the first await: a rebalance may replace the trials in memory while
+    # this coroutine waits
     writes = pipeline.plan(batch, dt.datetime.now(dt.UTC))
-    for partition, rows in writes.first.items():
-        sink.rows(batch.last_event[partition], rows)
     for key, value in batch.dead:
         await sink.send(dead, key, value)
-    if writes.alerts:
-        await sink.confirm()
-        await send_alerts(sink, alerts_out, writes.alerts)
-        for partition, rows in writes.then.items():
-            sink.rows(batch.last_event[partition], rows)
+    await send_alerts(sink, alerts_out, writes.alerts)
+    for partition, rows in writes.rows.items():
+        sink.rows(batch.last_event[partition], rows)
     await sink.confirm()
-    if pipeline.settings.broker_is_tansu and writes.first:
+    if pipeline.settings.broker_is_tansu and writes.rows:
         # tansu answers ListOffsets with the first offset of a partition's last produce
         # batch + 1, and faust's recovery reads a changelog up to that answer: end each
         # partition's writes with a row of its own, in a produce batch of its own
-        for partition in writes.first:
+        for partition in writes.rows:
             sink.rows(batch.last_event[partition], [(f"{MARKER}{records.SEP}{partition}", b"")])
         await sink.confirm()
 

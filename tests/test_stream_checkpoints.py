@@ -3,9 +3,10 @@
 `Pipeline.plan` says what a batch writes and sends, in order; `monitor.stream.flush`
 carries it out against faust. Here the same plan is carried out against a dict (the
 table) and a list (the alerts topic), and the worker "crashes" after any prefix of
-it: a new pipeline loads the table, re-sends what `load` returns, and the broker
+it: a new pipeline loads the table, sends what `load` returns, and the broker
 redelivers the batch. The final state and the alerts must be replay's, and an alert
-may be sent twice only when the crash fell between sending it and emptying the outbox.
+may be sent twice (the very same message) only when the crash fell after it was sent
+and before the trial's checkpoint was written.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from types import SimpleNamespace
 from typing import NamedTuple
 
 import orjson
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -22,7 +24,8 @@ from monitor.engine.report import trial_report
 from monitor.replay import replay
 from monitor.rules_loader import load_rules_dir
 from monitor.settings import Settings
-from monitor.stream import Batch, Pipeline
+from monitor.stream import JOURNAL_ROWS, Batch, Pipeline
+from tests.builders import ae, encode, infusion
 from tests.test_replay import RULES, SAMPLE
 
 CATALOG = load_rules_dir(RULES)
@@ -37,11 +40,10 @@ def message(offset: int, line: bytes) -> SimpleNamespace:
 
 
 def effects(pipeline: Pipeline, batch: Batch) -> list[tuple]:
-    """The plan of a batch as a sequence of effects: table rows, then alert messages."""
+    """The plan of a batch as a sequence of effects: alert messages, then table rows."""
     writes = pipeline.plan(batch, NOW)
-    out = [("row", row) for rows in writes.first.values() for row in rows]
-    out += [("alert", m) for m in writes.alerts]
-    return out + [("row", row) for rows in writes.then.values() for row in rows]
+    return [("alert", m) for m in writes.alerts] + [
+        ("row", row) for rows in writes.rows.values() for row in rows]
 
 
 class Run(NamedTuple):
@@ -132,6 +134,27 @@ def test_every_crash_point_of_a_batch_that_sends_alerts() -> None:
         crashed = run(number, where)
         check(crashed)
         repeats = len(crashed.topic) - len(CLEAN.topic)
-        sent_before_emptied = plan.index("alert") < where < len(plan)
-        assert repeats == 0 or sent_before_emptied, (where, plan)
-        assert plan[-1] == "row"  # the outbox is emptied last
+        sent_before_checkpoint = 0 < where <= plan.count("alert")
+        assert (repeats > 0) == sent_before_checkpoint, (where, plan)
+        assert plan[0] == "alert" and plan[-1] == "row"
+
+
+@pytest.mark.parametrize("grade", [1, 3])
+def test_a_batch_is_full_before_a_checkpoint_outgrows_a_kafka_message(grade: int) -> None:
+    """Many subjects of one trial in one batch (grade 3 AEs also raise and update an
+    alert): the worker writes the batch once a trial's journal holds JOURNAL_ROWS rows,
+    so no checkpoint nears Kafka's 1 MB."""
+    lines = [encode(m) for number in range(600)
+             for m in (infusion(f"S{number}", "2021-01-01"),
+                       ae(f"S{number}", f"A{number}", "2021-01-03", grade=grade))]
+    pipeline, batch, offset = Pipeline(Settings(), CATALOG), Batch(), 0
+    while not batch.full:
+        pipeline.handle(batch, message(offset, lines[offset]))
+        offset += 1
+    assert offset < len(lines)
+    writes = pipeline.plan(batch, NOW)
+    rows = writes.rows[0]
+    checkpoint = next(value for key, value in rows if key.startswith("t"))
+    assert len(rows) == JOURNAL_ROWS + 1  # the checkpoint and its journal's rows
+    assert bool(writes.alerts) == (grade == 3)
+    assert len(checkpoint) < 2**20 // 2

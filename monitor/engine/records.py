@@ -2,7 +2,7 @@
 
 Keys (``\\x1f`` separates parts, which no id contains in practice)::
 
-    t|TRIAL                     Checkpoint    (alert ledger, journal, outbox)
+    t|TRIAL                     Checkpoint    (alert ledger, journal)
     s|TRIAL|SUBJECT             SubjectHeader (infusions, statuses, reports, counts)
     a|TRIAL|SUBJECT|AE_ID       AeHistory     (the versions of one AE)
     l|TRIAL|SUBJECT|TEST        LabSeries     (one lab test's results)
@@ -10,13 +10,11 @@ Keys (``\\x1f`` separates parts, which no id contains in practice)::
 Values are JSON (msgspec), which keeps each date-time's offset as written. What one
 event writes is one small record and its subject's header, whatever the trial's size.
 
-The trial row is a `Checkpoint`: the trial record, and what the batch that wrote it
-changed besides (the *journal*: its subject rows) and must still send (the *outbox*:
-its alert messages). The worker writes a batch's checkpoint first, then its subject
-rows, then sends the alerts, then writes the checkpoint again with an empty outbox. A
-crash anywhere in between leaves rows from which `load` rebuilds the trial exactly as
-the batch left it (the journal overrides older subject rows) and the alerts that may
-not have gone out; the batch's messages, redelivered, then change nothing.
+The trial row is a `Checkpoint`: the trial record, and the subject rows the batch that
+wrote it changed (the *journal*). The worker writes a batch's checkpoint first, then
+its subject rows. A crash in between leaves rows from which `load` rebuilds the trial
+exactly as the batch left it (the journal overrides older subject rows); the batch's
+messages, redelivered, then change nothing.
 """
 
 from __future__ import annotations
@@ -49,7 +47,6 @@ class Checkpoint(msgspec.Struct, omit_defaults=True):
 
     record: TrialRecord
     journal: dict[str, msgspec.Raw] = {}  # subject row key -> its value
-    outbox: list[tuple[str, msgspec.Raw]] = []  # (alert message key, message value)
 
 
 _encode = msgspec.json.Encoder().encode
@@ -83,11 +80,10 @@ def subject_records(trial: TrialState, subject_id: str,
     yield f"{HEADER}{SEP}{prefix}", _encode(subject.header)
 
 
-def trial_record(trial: TrialState, journal: Iterable[tuple[str, bytes]] = (),
-                 outbox: Iterable[tuple[str, bytes]] = ()) -> tuple[str, bytes]:
-    """The trial row: its record, with a batch's subject rows and alert messages."""
-    checkpoint = Checkpoint(trial.record, {key: msgspec.Raw(value) for key, value in journal},
-                            [(key, msgspec.Raw(value)) for key, value in outbox])
+def trial_record(trial: TrialState, journal: Iterable[tuple[str, bytes]] = ()
+                 ) -> tuple[str, bytes]:
+    """The trial row: its record, with a batch's subject rows."""
+    checkpoint = Checkpoint(trial.record, {key: msgspec.Raw(value) for key, value in journal})
     return trial_key(trial.trial_id), _encode(checkpoint)
 
 
@@ -100,13 +96,12 @@ def load_trial(trial_id: str, rules: TrialRules | None,
 class Loaded(NamedTuple):
     trial: TrialState
     journal: list[tuple[str, bytes]]  # subject rows that may not have been written
-    outbox: list[tuple[str, bytes]]  # alert messages that may not have been sent
 
 
 def load(trial_id: str, rules: TrialRules | None, rows: Iterable[tuple[str, bytes]]
          ) -> Loaded:
-    """A trial's state from its rows (any order), with the journal and outbox of its
-    last checkpoint: the next checkpoint must carry that journal on until its rows are
+    """A trial's state from its rows (any order), with the journal of its last
+    checkpoint: the next checkpoint must carry that journal on until its rows are
     written again. Unknown keys are an error."""
     checkpoint, latest = None, {}
     for key, value in rows:
@@ -115,12 +110,11 @@ def load(trial_id: str, rules: TrialRules | None, rows: Iterable[tuple[str, byte
         else:
             latest[key] = value
     if checkpoint is None:
-        return Loaded(_build(trial_id, rules, None, latest.items()), [], [])
+        return Loaded(_build(trial_id, rules, None, latest.items()), [])
     # the journal is never older than a subject row: it was written just before them
     journal = [(key, bytes(raw)) for key, raw in checkpoint.journal.items()]
     latest.update(journal)
-    outbox = [(key, bytes(raw)) for key, raw in checkpoint.outbox]
-    return Loaded(_build(trial_id, rules, checkpoint.record, latest.items()), journal, outbox)
+    return Loaded(_build(trial_id, rules, checkpoint.record, latest.items()), journal)
 
 
 def _build(trial_id: str, rules: TrialRules | None, record: TrialRecord | None,
