@@ -11,10 +11,11 @@ twice (issue #4).
   the beginning is what ``consumer_auto_offset_reset="earliest"`` promises; what is
   read twice is dropped by the engine (same position) and by the notification log
   (same alert key).
-- `NotificationTable`: a faust table that can wait until the broker has its writes.
-  A table write only joins faust's producer buffer; a worker killed before the buffer
-  drained loses it, and the worker that takes the partition over (with the changelog
-  as its only copy of the log) e-mails the alert again.
+- `ConfirmedTable`: a faust table that can wait until the broker has its writes. A
+  table write only joins faust's producer buffer, and faust drops the future of its
+  changelog record: a worker killed before the buffer drained loses the write (the
+  worker that takes an e-mail log over then e-mails the alert again), and a write the
+  broker refused is lost while the events that made it are acked.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import faust
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
-__all__ = ["NotificationTable", "install_rewinding_consumer", "seek_to_committed"]
+__all__ = ["ConfirmedTable", "install_rewinding_consumer", "seek_to_committed"]
 
 
 async def seek_to_committed(consumer: AIOKafkaConsumer, rewinds: Callable[[str], bool]
@@ -66,27 +67,28 @@ def install_rewinding_consumer(app: faust.App) -> None:
     transport.Consumer = RewindingConsumer
 
 
-class NotificationTable(faust.Table):
-    """A faust ``Table`` whose changelog writes can be awaited: `written` returns once
-    the broker has every write made so far (with ``producer_acks=-1``: for good)."""
+class ConfirmedTable(faust.Table):
+    """A faust ``Table`` whose changelog writes can be awaited. `unconfirmed` holds,
+    for each write, the future of its changelog record (done once the broker has it;
+    with ``producer_acks=-1``, for good) and what `send_changelog` was called with, so
+    that a refused write can be sent again; `written` waits for them all."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._unconfirmed: list[asyncio.Future] = []
+        self.unconfirmed: list[tuple[asyncio.Future, tuple, dict]] = []
         super().__init__(*args, **kwargs)
 
     def send_changelog(self, *args: Any, **kwargs: Any) -> Any:
-        # every write (set, delete) of the table goes through here; faust returns the
-        # future of the message, done once the broker acknowledged it
+        # every write (set, delete) of the table goes through here
         future = super().send_changelog(*args, **kwargs)
-        self._unconfirmed.append(future)
+        self.unconfirmed.append((future, args, kwargs))
         return future
 
     async def written(self) -> None:
         """Wait until the broker has every write made so far; raises if one failed."""
-        while self._unconfirmed:
-            await self._unconfirmed.pop(0)
+        while self.unconfirmed:
+            await self.unconfirmed.pop(0)[0]
 
     @classmethod
-    def add_to(cls, app: faust.App, name: str, **kwargs: Any) -> NotificationTable:
+    def add_to(cls, app: faust.App, name: str, **kwargs: Any) -> ConfirmedTable:
         """``app.Table(name, **kwargs)``, of this class."""
         return app.tables.add(cls(app, name=name, beacon=app.tables.beacon, **kwargs))

@@ -79,7 +79,7 @@ def email_agent(settings: Settings, catalog: dict[str, TrialRules], metrics: obj
     table for rebalances, and a local fsynced file for a crash on this host)."""
     import orjson
 
-    from .faust_ext import NotificationTable
+    from .faust_ext import ConfirmedTable
     from .notify import (
         CombinedLog,
         JsonLinesLog,
@@ -93,8 +93,8 @@ def email_agent(settings: Settings, catalog: dict[str, TrialRules], metrics: obj
         # no value_type: faust's JSON gives dicts back; value_type=dict would make it
         # call dict.from_data on every read and changelog record (ValueDecodeError), and
         # a worker restoring this table from its changelog would never become ready
-        sent = NotificationTable.add_to(app, "notifications", key_type=str,
-                                        partitions=settings.partitions)
+        sent = ConfirmedTable.add_to(app, "notifications", key_type=str,
+                                     partitions=settings.partitions)
         log = CombinedLog(JsonLinesLog(settings.state_dir / "notifications.jsonl"),
                           MappingLog(sent))
         notifier = Notifier(catalog, SmtpSender(settings), log,

@@ -40,7 +40,7 @@ from .engine.report import trial_report
 from .engine.rules import TrialRules
 from .engine.state import REDELIVERED, reconcile, step
 from .engine.trials import Trials
-from .faust_ext import install_rewinding_consumer
+from .faust_ext import ConfirmedTable, install_rewinding_consumer
 from .notify import alert_payload
 from .settings import Settings
 
@@ -86,11 +86,11 @@ class Batch:
         self.dead: list[tuple[bytes | None, bytes]] = []
         self.full = False  # write it now: a trial's checkpoint is as large as we allow
 
-    def count(self, trial_id: str, rows: int) -> None:
-        """Count subject rows of a trial; the batch is full once its checkpoint may
+    def count(self, trial_id: str) -> None:
+        """Count a subject row of a trial; the batch is full once its checkpoint may
         near what one Kafka message may hold (1 MB by default): `JOURNAL_ROWS` subject
         rows, each well under 3 kB."""
-        self.rows[trial_id] += rows
+        self.rows[trial_id] += 1
         if self.rows[trial_id] >= JOURNAL_ROWS:
             self.full = True
 
@@ -134,9 +134,9 @@ class Pipeline:
         changed = touched.get(parsed.subject_id)
         if changed is None:
             changed = touched[parsed.subject_id]
-            batch.count(parsed.trial_id, 1)  # the subject's header
+            batch.count(parsed.trial_id)  # the subject's header
         if changes.record is not None and changes.record not in changed:
-            batch.count(parsed.trial_id, 1)
+            batch.count(parsed.trial_id)
         changed.add(changes.record)
         if changes.alerts:
             batch.alerts.extend(changes.alerts)
@@ -273,7 +273,8 @@ def build_app(settings: Settings, catalog: dict[str, TrialRules],
     events = app.topic(settings.events_topic, **raw)
     dead = app.topic(settings.dead_letter_topic, **raw)
     alerts_out = app.topic(settings.alerts_topic, **raw)
-    table = app.Table("state", key_type=str, value_type=bytes, partitions=settings.partitions)
+    table = ConfirmedTable.add_to(app, "state", key_type=str, value_type=bytes,
+                                  partitions=settings.partitions)
     table.value_serializer = "raw"  # our records are JSON already
     pipeline = Pipeline(settings, catalog, metrics=metrics)
     if metrics is not None:
@@ -321,29 +322,20 @@ def build_app(settings: Settings, catalog: dict[str, TrialRules],
 
 
 class Sink:
-    """Where a batch goes: table rows and topic messages. `confirm` waits until the
-    broker has taken every one, and sends again what it refused, so a batch's events
-    are acked only once everything they caused is durable. (A table write through
-    ``table[key] = value`` would drop faust's future for its changelog record; a write
-    stuck or failed there would be lost silently while its events were committed.)"""
+    """Where a batch goes: rows of the state table (a `ConfirmedTable`) and topic
+    messages. `confirm` waits until the broker has taken every one, and sends again
+    what it refused, so a batch's events are acked only once everything they caused
+    is durable."""
 
-    def __init__(self, table: Any) -> None:
+    def __init__(self, table: ConfirmedTable) -> None:
         self.table = table
         self.unconfirmed: list[tuple[asyncio.Future, Callable[[], Awaitable[Any]]]] = []
 
     def rows(self, event: Any, rows: list[tuple[str, bytes]]) -> None:
         """Write rows to the table, in the changelog partition of ``event``."""
-        partition = event.message.partition
-        with current_event(event):  # the store files each key under this partition
+        with current_event(event):
             for key, value in rows:
-                self.table.data[key] = value
-                self._changelog(partition, key, value)
-
-    def _changelog(self, partition: int, key: str, value: bytes) -> None:
-        async def again() -> Any:
-            return self.table.send_changelog(partition, key, value)
-
-        self.unconfirmed.append((self.table.send_changelog(partition, key, value), again))
+                self.table[key] = value
 
     async def send(self, topic: Any, key: bytes | None, value: bytes) -> None:
         async def again() -> Any:
@@ -357,20 +349,29 @@ class Sink:
         self.unconfirmed.append((await again(), again))
 
     async def confirm(self) -> None:
-        while self.unconfirmed:
-            await drained(self.table.app.producer)
-            unconfirmed, self.unconfirmed = self.unconfirmed, []
-            failed = []
-            for future, again in unconfirmed:
-                try:
-                    await future
-                except KafkaError as exc:
-                    log.warning("the broker did not take a write, sending it again: %s", exc)
-                    failed.append(again)
-            if failed:
+        while self.unconfirmed or self.table.unconfirmed:
+            messages, self.unconfirmed = self.unconfirmed, []
+            writes, self.table.unconfirmed = self.table.unconfirmed, []
+            failed_messages = [again for future, again in messages
+                               if not await delivered(future)]
+            failed_writes = [(args, kwargs) for future, args, kwargs in writes
+                             if not await delivered(future)]
+            if failed_messages or failed_writes:
                 await asyncio.sleep(RETRY_SECONDS)
-            for again in failed:
+            for args, kwargs in failed_writes:
+                self.table.send_changelog(*args, **kwargs)  # joins table.unconfirmed
+            for again in failed_messages:
                 self.unconfirmed.append((await again(), again))
+
+
+async def delivered(future: asyncio.Future) -> bool:
+    """Whether the broker took a message; a refusal is logged, to send it again."""
+    try:
+        await future
+    except KafkaError as exc:
+        log.warning("the broker did not take a write, sending it again: %s", exc)
+        return False
+    return True
 
 
 async def flush(batch: Batch, pipeline: Pipeline, sink: Sink, dead: Any,
@@ -392,17 +393,6 @@ async def flush(batch: Batch, pipeline: Pipeline, sink: Sink, dead: Any,
         for partition in writes.rows:
             sink.rows(batch.last_event[partition], [(f"{MARKER}{records.SEP}{partition}", b"")])
         await sink.confirm()
-
-
-async def drained(producer: Any, poll: float = 0.005) -> None:
-    """Wait until faust's producer buffer has handed every table write to the Kafka
-    client. faust's own flush before an offset commit gives up when no message left the
-    buffer for 0.1 s, so offsets could be committed for events whose changelog writes
-    were still waiting in it, and a crash then lost them. Acking a batch's events only
-    after this makes the commit's flush of the Kafka client cover every write."""
-    buffer = producer.buffer
-    while buffer.size:
-        await asyncio.sleep(poll)
 
 
 async def send_alerts(sink: Sink, topic: Any, messages: list[tuple[bytes, bytes]]) -> None:

@@ -41,7 +41,6 @@ SEP = "\x1f"
 TRIAL, HEADER, AE_KEY, LAB_KEY = "t", "s", "a", "l"
 
 
-
 class Checkpoint(msgspec.Struct, omit_defaults=True):
     """The value of a trial row (see the module's docstring)."""
 
