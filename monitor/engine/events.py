@@ -215,12 +215,23 @@ def parse_event(raw: bytes | str) -> Event | Rejection:
         return _decoder.decode(raw)
     except msgspec.DecodeError as exc:
         return _explain(raw, exc)
-    except UnicodeDecodeError:
-        return Rejection(reason="not UTF-8 (a string holds an invalid byte); messages must be "
-                                "UTF-8 JSON")
+    except UnicodeDecodeError:  # msgspec before 0.19; later ones raise DecodeError
+        return _NOT_UTF8
+
+
+_NOT_UTF8 = Rejection(reason="not UTF-8 (a string holds an invalid byte); messages must be "
+                             "UTF-8 JSON")
 
 
 # --- the slow path: say what is wrong in a person's words --------------------------
+
+def _is_utf8(raw: bytes | str) -> bool:
+    try:
+        raw.decode("utf-8") if isinstance(raw, bytes) else raw.encode("utf-8")
+    except UnicodeError:
+        return False
+    return True
+
 
 _AT = re.compile(r"^(?P<what>.*?)(?: - at `\$(?P<path>[^`]*)`)?$")
 
@@ -229,6 +240,8 @@ def _explain(raw: bytes | str, exc: msgspec.DecodeError) -> Rejection:
     if not raw.strip():
         return Rejection(reason="empty message; each line must be one JSON object")
     if not isinstance(exc, msgspec.ValidationError):
+        if "UTF-8" in str(exc) and not _is_utf8(raw):
+            return _NOT_UTF8
         detail = str(exc).removeprefix("JSON is malformed: ")
         return Rejection(reason=f"not JSON ({detail}); each line must be one JSON object")
     doc = _loose(raw)
