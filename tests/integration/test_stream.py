@@ -62,6 +62,19 @@ def settled(worker_list: list[Worker], total: int) -> dict | None:
     return merged if accepted(merged) >= total else None
 
 
+def explain_shortfall(worker_list: list[Worker], lines: list[bytes]) -> None:
+    """Print, for a failed wait, which trials the workers hold short of replay."""
+    got: dict = {}
+    for worker in worker_list:
+        got.update(worker.status())
+        print("worker", worker.port, "readyz", worker.get("/readyz"), "log", worker.log_path)
+    want, _ = expected(lines)
+    print("accepted", accepted(got), "of", events_in(lines))
+    for trial in want:
+        if trial not in got or got[trial]["events"] != want[trial]["events"]:
+            print(trial, got.get(trial, {}).get("events"), want[trial]["events"])
+
+
 def events_in(lines: list[bytes]) -> int:
     """How many lines are valid events (what the workers accept or count as duplicates)."""
     from monitor.engine.events import Rejection, parse_event
@@ -109,7 +122,11 @@ def test_crash_recovery(kafka_broker: str, topics: Topics, tmp_path: Path) -> No
         restart_seconds = consuming - killed_at
         print(f"restart after SIGKILL: consuming again after {restart_seconds:.1f} s")
         assert restart_seconds < 30
-        status = wait_for(lambda: settled([second], total), 120, "all events after restart")
+        try:
+            status = wait_for(lambda: settled([second], total), 120, "all events after restart")
+        except AssertionError:
+            explain_shortfall([second], lines)
+            raise
         report, alerts = expected(lines)
         assert comparable(status) == comparable(report)
         emitted = alerts_on(kafka_broker, topics.alerts)
@@ -139,11 +156,7 @@ def test_scale_out_and_take_over(kafka_broker: str, topics: Topics, tmp_path: Pa
         try:
             status = wait_for(lambda: settled(workers[1:], events_in(lines)), 240, "take-over")
         except AssertionError:
-            got, (want, _) = workers[1].status(), expected(lines)
-            print("survivor:", accepted(got), "of", events_in(lines), workers[1].get("/readyz"))
-            for trial in want:
-                if trial not in got or got[trial]["events"] != want[trial]["events"]:
-                    print(trial, got.get(trial, {}).get("events"), want[trial]["events"])
+            explain_shortfall(workers[1:], lines)
             raise
         report, alerts = expected(lines)
         assert comparable(status) == comparable(report)
