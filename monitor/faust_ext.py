@@ -1,4 +1,4 @@
-"""Two small extensions of faust that the worker needs to lose nothing and send nothing
+"""Small extensions of faust that the worker needs to lose nothing and send nothing
 twice (issue #4).
 
 - `seek_to_committed` / `install_rewinding_consumer`: a partition that has records
@@ -11,6 +11,19 @@ twice (issue #4).
   the beginning is what ``consumer_auto_offset_reset="earliest"`` promises; what is
   read twice is dropped by the engine (same position) and by the notification log
   (same alert key).
+- `commit_offset`: the offset to commit for a partition, from the offsets acked. faust
+  (0.15) may commit past one offset that was never acked: its check for a hole at the
+  head of the acked offsets compares with the committed offset as if that were the
+  last offset processed, while it is the next one to read. A message faust dropped
+  unprocessed (its stream skips messages while a rebalance suspends the flow, counting
+  on a seek back to the committed offset) was then committed, and the seek never read
+  it again: an event lost for good, seen as a worker one event short after a restart.
+- `OffsetGuard` / `fetch_range` / `mark_acked`: faust may also drop a message in flight
+  without a seek to read it again (seen here around the end of the table recovery
+  after a restart: one message of a partition never reached the agent, the next ones
+  did). The agent knows where each partition's reading starts after every seek
+  (`seek_to_committed` records it), so it sees such a hole; it reads the missing
+  offsets itself and steps them first, then counts them as acked.
 - `ConfirmedTable`: a faust table that can wait until the broker has its writes. A
   table write only joins faust's producer buffer, and faust drops the future of its
   changelog record: a worker killed before the buffer drained loses the write (the
@@ -21,6 +34,7 @@ twice (issue #4).
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -28,31 +42,168 @@ import faust
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
-__all__ = ["ConfirmedTable", "install_rewinding_consumer", "seek_to_committed"]
+__all__ = ["ConfirmedTable", "OffsetGuard", "commit_offset", "drop", "fetch_range",
+           "install_rewinding_consumer", "mark_acked", "seek_to_committed", "undelivered"]
+
+Partition = tuple[str, int]  # (topic, partition)
 
 
-async def seek_to_committed(consumer: AIOKafkaConsumer, rewinds: Callable[[str], bool]
+async def seek_to_committed(consumer: AIOKafkaConsumer, rewinds: Callable[[str], bool],
+                            positions: dict[Partition, int] | None = None
                             ) -> Mapping[TopicPartition, int | None]:
     """Seek every assigned partition to its committed offset, as aiokafka does, and a
     partition of a topic ``rewinds`` accepts that has no committed offset (None, or 0,
     which aiokafka does not seek to either) to its beginning. Returns the committed
-    offsets, as aiokafka does."""
+    offsets, as aiokafka does; fills ``positions`` with the offset each partition of
+    those topics is read from next."""
     committed = await consumer.seek_to_committed()
     unset = [tp for tp, offset in committed.items() if not offset and rewinds(tp.topic)]
     if unset:
         await consumer.seek_to_beginning(*unset)
+    if positions is not None:
+        for tp in consumer.assignment():
+            if rewinds(tp.topic):
+                positions[(tp.topic, tp.partition)] = await consumer.position(tp)
     return committed
+
+
+def commit_offset(acked: list[int], committed: int | None) -> tuple[int | None, int]:
+    """The offset to commit for a partition, and how many of the (sorted) ``acked``
+    offsets it covers. ``committed`` is the offset committed before, i.e. the next one
+    to read (None: none yet, so the first run of acked offsets counts). Nothing is
+    committed while that offset itself has not been acked: the
+    offsets after a hole wait until the hole is filled (faust's gaps, the offsets a
+    compacted or transactional topic skips, are added to ``acked`` beforehand)."""
+    if not acked or (committed is not None and acked[0] > committed):
+        return None, 0
+    run = 1
+    while run < len(acked) and acked[run] == acked[run - 1] + 1:
+        run += 1
+    return acked[run - 1] + 1, run
+
+
+class OffsetGuard:
+    """Finds the messages of the agent's topic that faust fetched but never delivered.
+
+    ``reset(positions)`` after each seek gives where each partition is read from next.
+    `check` takes each delivered message in order and returns the range of offsets
+    missing before it (to read with `fetch_range` and step first), or None. A message
+    before the expected offset is one read again; the engine knows it by its position.
+    Pure: no I/O, no clock.
+    """
+
+    def __init__(self) -> None:
+        self.next: dict[Partition, int] = {}
+        self.source: object = None  # the positions it was last reset from
+
+    def reset(self, positions: Mapping[Partition, int], source: object = None) -> None:
+        self.next, self.source = dict(positions), source
+
+    def check(self, partition: Partition, offset: int) -> tuple[int, int] | None:
+        expected = self.next.get(partition)
+        if expected is not None and offset < expected:
+            return None
+        self.next[partition] = offset + 1
+        return (expected, offset) if expected is not None and offset > expected else None
+
+
+async def fetch_range(bootstrap: str, topic: str, partition: int, start: int, end: int,
+                      timeout: float = 30.0) -> list[Any]:
+    """The records of a partition from offset ``start`` up to ``end`` (excluded), read
+    with a consumer of no group (nothing committed, no rebalance). Offsets the topic
+    does not hold (compacted, transaction markers) are simply absent."""
+    tp = TopicPartition(topic, partition)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                                auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        consumer.assign([tp])
+        consumer.seek(tp, start)
+        records: list[Any] = []
+        deadline = asyncio.get_running_loop().time() + timeout
+        while await consumer.position(tp) < end:
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"{topic}[{partition}]: offsets {start}..{end - 1} "
+                                   f"not readable within {timeout:.0f} s")
+            batch = await consumer.getmany(tp, timeout_ms=1000)
+            records.extend(r for r in batch.get(tp, ()) if start <= r.offset < end)
+        return records
+    finally:
+        await consumer.stop()
+
+
+async def undelivered(guard: OffsetGuard, consumer: Any, bootstrap: str, message: Any
+                      ) -> tuple[list[Any], range]:
+    """The records faust fetched but never delivered before ``message`` (read again with
+    `fetch_range`), and their offsets, to `mark_acked` once they are handled."""
+    positions = consumer.positions
+    if positions is not guard.source:
+        guard.reset(positions, source=positions)
+    hole = guard.check(message.tp, message.offset)
+    if hole is None:
+        return [], range(0)
+    logging.getLogger(__name__).warning(
+        "%s[%s]: offsets %s to %s were not delivered by faust; reading them again",
+        message.topic, message.partition, hole[0], hole[1] - 1)
+    return await fetch_range(bootstrap, message.topic, message.partition, *hole), range(*hole)
+
+
+def drop(consumer: Any, message: Any) -> None:
+    """Leave a message faust delivered unacked for good, without holding faust up: it
+    is never committed (the seek that ends a rebalance reads it again), and faust does
+    not wait for its ack. ``message.acked`` makes faust's acks skip it; private."""
+    message.acked = True
+    consumer.unacked.discard(message)
+
+
+def mark_acked(consumer: Any, tp: Any, offsets: range) -> None:
+    """Count offsets that faust never delivered as acked (they were read and stepped
+    another way), so that commits go past them; as faust's own ack does. Private."""
+    index, acked = consumer._acked_index[tp], consumer._acked[tp]
+    for offset in offsets:
+        if offset not in index:
+            index.add(offset)
+            acked.append(offset)
 
 
 class RewindingConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
     async def seek_to_committed(self) -> Mapping[Any, int]:
         # only the topics whose offsets faust commits (the agents' topics): table
         # changelogs have no committed offsets, and their recovery seeks them itself
-        return await self.call_thread(seek_to_committed, self._ensure_consumer(),
-                                      self.app.topics.acks_enabled_for)
+        positions: dict[Partition, int] = {}
+        committed = await self.call_thread(seek_to_committed, self._ensure_consumer(),
+                                           self.app.topics.acks_enabled_for, positions)
+        self.consumer.positions = positions  # a new dict at each seek: see OffsetGuard
+        return committed
 
 
 class RewindingConsumer(faust_aiokafka.Consumer):
+    """faust's aiokafka consumer with `seek_to_committed` and `commit_offset`.
+    ``positions``: where each partition of the agents' topics was read from after the
+    last seek to the committed offsets."""
+
+    positions: dict[Partition, int] = {}
+
+    def _new_offset(self, tp: Any) -> int | None:
+        # faust's own, but for its check of a hole at the head (see `commit_offset`)
+        acked = self._acked[tp]
+        if not acked:
+            return None
+        gaps = self._gap[tp]
+        if gaps:  # offsets the topic does not have: count them as acked
+            top = max(acked)
+            spans = sorted(gaps.overlap(0, top), key=lambda span: span.begin)
+            if spans:
+                missing = [offset for span in spans for offset in range(span.begin, span.end)]
+                acked.extend(missing)
+                gaps.chop(0, max(missing[-1], top + 1))
+        acked.sort()
+        offset, covered = commit_offset(acked, self._committed_offset[tp])
+        if offset is not None:
+            self._acked_index[tp].difference_update(acked[:covered])
+            del acked[:covered]
+        return offset
+
     def _new_consumer_thread(self) -> RewindingConsumerThread:
         return RewindingConsumerThread(self, loop=self.loop, beacon=self.beacon)
 

@@ -79,7 +79,7 @@ def email_agent(settings: Settings, catalog: dict[str, TrialRules], metrics: obj
     table for rebalances, and a local fsynced file for a crash on this host)."""
     import orjson
 
-    from .faust_ext import ConfirmedTable
+    from .faust_ext import ConfirmedTable, OffsetGuard, mark_acked, undelivered
     from .notify import (
         CombinedLog,
         JsonLinesLog,
@@ -88,6 +88,7 @@ def email_agent(settings: Settings, catalog: dict[str, TrialRules], metrics: obj
         SmtpSender,
         alert_from_payload,
     )
+    from .publish import bootstrap
 
     def add(app, alerts_topic) -> None:  # noqa: ANN001
         # no value_type: faust's JSON gives dicts back; value_type=dict would make it
@@ -100,16 +101,23 @@ def email_agent(settings: Settings, catalog: dict[str, TrialRules], metrics: obj
         notifier = Notifier(catalog, SmtpSender(settings), log,
                             on_outcome=getattr(metrics, "observe_email", None))
 
+        guard = OffsetGuard()  # alerts faust fetched and never delivered: see faust_ext
+
         @app.agent(alerts_topic)
         async def email(stream) -> None:  # noqa: ANN001
-            async for value in stream:
-                await notifier.notify(*alert_from_payload(orjson.loads(value)))
-                # the alert's table entry reaches the broker before this alert is acked
-                # and the next one e-mailed: a worker that takes the partition over
-                # with no local log then e-mails again at most the one alert whose
-                # entry was not yet written when this worker died. (One write in flight
-                # at a time also keeps this changelog at one record per produce batch,
-                # which tansu needs to report its end offset right: see broker_is_tansu.)
-                await sent.written()
+            async for event in stream.events():
+                records, missed = await undelivered(guard, app.consumer,
+                                                    bootstrap(settings.broker), event.message)
+                for message in (*records, event.message):
+                    await notifier.notify(*alert_from_payload(orjson.loads(message.value)))
+                    # the alert's table entry reaches the broker before this alert is
+                    # acked and the next one e-mailed: a worker that takes the partition
+                    # over with no local log then e-mails again at most the one alert
+                    # whose entry was not yet written when this worker died. (One write
+                    # in flight at a time also keeps this changelog at one record per
+                    # produce batch, which tansu needs to report its end offset right:
+                    # see broker_is_tansu.)
+                    await sent.written()
+                mark_acked(app.consumer, event.message.tp, missed)
 
     return add

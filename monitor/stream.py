@@ -13,7 +13,11 @@ keys; the e-mail ledger drops what it already sent). A crash after it leaves a t
 from which `Pipeline.load` rebuilds each trial exactly as the batch left it.
 
 Delivery is at least once; the engine makes it effectively once: a message redelivered
-after a crash (same event id, same partition and offset) changes nothing.
+after a crash (same event id, same partition and offset) changes nothing. faust can
+drop a message it fetched without reading it again (around a rebalance or the end of a
+table recovery); `admitted` notices the hole in the offsets and reads the missing
+messages itself, and the consumer never commits past an offset not acked
+(`monitor.faust_ext`).
 """
 
 from __future__ import annotations
@@ -40,8 +44,16 @@ from .engine.report import trial_report
 from .engine.rules import TrialRules
 from .engine.state import REDELIVERED, reconcile, step
 from .engine.trials import Trials
-from .faust_ext import ConfirmedTable, install_rewinding_consumer
+from .faust_ext import (
+    ConfirmedTable,
+    OffsetGuard,
+    drop,
+    install_rewinding_consumer,
+    mark_acked,
+    undelivered,
+)
 from .notify import alert_payload
+from .publish import bootstrap
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -281,6 +293,7 @@ def build_app(settings: Settings, catalog: dict[str, TrialRules],
         metrics.set_trials(lambda: pipeline.status(dt.datetime.now(dt.UTC)))
 
     sink = Sink(table)
+    guard = OffsetGuard()
 
     async def load_if_needed() -> None:
         if pipeline.settled and not pipeline.loaded:
@@ -292,13 +305,16 @@ def build_app(settings: Settings, catalog: dict[str, TrialRules],
         async for batch_events in stream.take_events(settings.batch_size,
                                                      within=settings.batch_within):
             await load_if_needed()
-            started, batch = time.monotonic(), Batch()
-            for event in batch_events:
+            started, batch, filled = time.monotonic(), Batch(), []
+            for event in await admitted(app, pipeline, guard, batch_events, filled):
                 pipeline.handle(batch, event)
-                if batch.full:  # the events are acked once the whole batch is written
+                if batch.full and type(event) is not Refetched:
+                    # the events are acked once the whole batch is written
                     await flush(batch, pipeline, sink, dead, alerts_out)
                     batch = Batch()
             await flush(batch, pipeline, sink, dead, alerts_out)
+            for tp, offsets in filled:
+                mark_acked(app.consumer, tp, offsets)
             if metrics is not None:
                 metrics.observe_latency(time.monotonic() - started, len(batch_events))
 
@@ -319,6 +335,35 @@ def build_app(settings: Settings, catalog: dict[str, TrialRules],
 
     add_routes(app, pipeline, metrics)
     return app, pipeline
+
+
+class Refetched(NamedTuple):
+    """A message faust fetched and never delivered, read again (`fetch_range`)."""
+
+    message: Any  # aiokafka's ConsumerRecord: topic, partition, offset, key, value
+
+
+async def admitted(app: Any, pipeline: Pipeline, guard: OffsetGuard, batch_events: list[Any],
+                   filled: list[tuple[Any, range]]) -> list[Any]:
+    """The events of a batch to step, in order, with what faust never delivered.
+
+    Before the trials are loaded (a rebalance is under way) none is stepped: they stay
+    unacked, and the seek that ends the rebalance reads them again. Before a message
+    that comes after a hole (offsets faust fetched and dropped), the hole's messages,
+    read again; ``filled`` gets their offsets, to count as acked once the batch is
+    written (`monitor.faust_ext.OffsetGuard`)."""
+    steps: list[Any] = []
+    for event in batch_events:
+        if not pipeline.loaded:
+            drop(app.consumer, event.message)
+            continue
+        records, offsets = await undelivered(guard, app.consumer,
+                                             bootstrap(pipeline.settings.broker), event.message)
+        if offsets:
+            steps.extend(Refetched(record) for record in records)
+            filled.append((event.message.tp, offsets))
+        steps.append(event)
+    return steps
 
 
 class Sink:
