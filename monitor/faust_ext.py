@@ -160,8 +160,9 @@ def mark_acked(consumer: Any, tp: Any, offsets: range) -> None:
     """Count offsets that faust never delivered as acked (they were read and stepped
     another way), so that commits go past them; as faust's own ack does. Private."""
     index, acked = consumer._acked_index[tp], consumer._acked[tp]
+    committed = consumer._committed_offset[tp]
     for offset in offsets:
-        if offset not in index:
+        if (committed is None or offset >= committed) and offset not in index:
             index.add(offset)
             acked.append(offset)
 

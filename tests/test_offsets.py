@@ -86,3 +86,19 @@ def test_guard_accounts_for_every_offset_up_to_the_last_delivered(delivered: lis
     top = max([o for o in delivered if o >= start], default=None)
     if top is not None:
         assert set(range(start, top + 1)) <= covered
+
+
+def test_offsets_read_again_are_marked_acked_from_the_committed_offset_on() -> None:
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from monitor.faust_ext import mark_acked
+
+    consumer = SimpleNamespace(_acked=defaultdict(list), _acked_index=defaultdict(set),
+                               _committed_offset=defaultdict(lambda: None))
+    consumer._committed_offset[TP] = 5
+    consumer._acked[TP].append(8)
+    consumer._acked_index[TP].add(8)
+    mark_acked(consumer, TP, range(3, 9))
+    assert sorted(consumer._acked[TP]) == [5, 6, 7, 8]  # once each, none below the commit
+    assert commit_offset(sorted(consumer._acked[TP]), 5) == (9, 4)
