@@ -37,8 +37,6 @@ class Settings(BaseSettings):
     batch_size: int = Field(1000, ge=1, description="events the worker steps before it "
                                                     "writes its table once")
     batch_within: float = Field(0.2, gt=0, description="seconds to wait for a batch to fill")
-    clock_interval: float = Field(60.0, gt=0, description="seconds between wall-clock checks "
-                                                          "of time-based states")
     broker_is_tansu: bool = Field(False, description="the broker is tansu (dev and tests): "
                                   "end each batch's table writes with a row in a produce batch "
                                   "of its own, because tansu reports a partition's end offset "
