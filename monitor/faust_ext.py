@@ -40,6 +40,7 @@ from typing import Any
 
 import faust
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
 __all__ = ["ConfirmedTable", "OffsetGuard", "commit_offset", "drop", "fetch_range",
@@ -115,8 +116,8 @@ async def fetch_range(bootstrap: str, topic: str, partition: int, start: int, en
     tp = TopicPartition(topic, partition)
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
                                 auto_offset_reset="earliest")
-    await consumer.start()
     try:
+        await consumer.start()
         consumer.assign([tp])
         consumer.seek(tp, start)
         records: list[Any] = []
@@ -142,10 +143,20 @@ async def undelivered(guard: OffsetGuard, consumer: Any, bootstrap: str, message
     hole = guard.check(message.tp, message.offset)
     if hole is None:
         return [], range(0)
-    logging.getLogger(__name__).warning(
-        "%s[%s]: offsets %s to %s were not delivered by faust; reading them again",
-        message.topic, message.partition, hole[0], hole[1] - 1)
-    return await fetch_range(bootstrap, message.topic, message.partition, *hole), range(*hole)
+    log = logging.getLogger(__name__)
+    log.warning("%s[%s]: offsets %s to %s were not delivered by faust; reading them again",
+                message.topic, message.partition, hole[0], hole[1] - 1)
+    delay = 1.0
+    while True:  # the agent cannot go on without them: as the broker's writes, until done
+        try:
+            records = await fetch_range(bootstrap, message.topic, message.partition, *hole)
+        except (KafkaError, OSError, TimeoutError) as exc:
+            log.warning("%s[%s]: could not read offsets %s to %s, trying again in %.0f s: %s",
+                        message.topic, message.partition, hole[0], hole[1] - 1, delay, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+        else:
+            return records, range(*hole)
 
 
 def drop(consumer: Any, message: Any) -> None:

@@ -131,7 +131,8 @@ class Pipeline:
     def handle(self, batch: Batch, event: Any) -> None:
         """Step one Kafka message; remember what to write, send and dead-letter."""
         message = event.message
-        batch.last_event[message.partition] = event
+        # the event whose partition the table writes go to: a faust event
+        batch.last_event[message.partition] = event.carrier if type(event) is Refetched else event
         parsed = parse_event(message.value)
         if type(parsed) is Rejection:
             batch.dead.append((message.key, dead_letter(message, parsed)))
@@ -308,8 +309,7 @@ def build_app(settings: Settings, catalog: dict[str, TrialRules],
             started, batch, filled = time.monotonic(), Batch(), []
             for event in await admitted(app, pipeline, guard, batch_events, filled):
                 pipeline.handle(batch, event)
-                if batch.full and type(event) is not Refetched:
-                    # the events are acked once the whole batch is written
+                if batch.full:  # the events are acked once the whole batch is written
                     await flush(batch, pipeline, sink, dead, alerts_out)
                     batch = Batch()
             await flush(batch, pipeline, sink, dead, alerts_out)
@@ -338,9 +338,11 @@ def build_app(settings: Settings, catalog: dict[str, TrialRules],
 
 
 class Refetched(NamedTuple):
-    """A message faust fetched and never delivered, read again (`fetch_range`)."""
+    """A message faust fetched and never delivered, read again (`fetch_range`), and the
+    delivered event after it (same partition), whose place the table writes take."""
 
     message: Any  # aiokafka's ConsumerRecord: topic, partition, offset, key, value
+    carrier: Any  # faust's event
 
 
 async def admitted(app: Any, pipeline: Pipeline, guard: OffsetGuard, batch_events: list[Any],
@@ -360,7 +362,7 @@ async def admitted(app: Any, pipeline: Pipeline, guard: OffsetGuard, batch_event
         records, offsets = await undelivered(guard, app.consumer,
                                              bootstrap(pipeline.settings.broker), event.message)
         if offsets:
-            steps.extend(Refetched(record) for record in records)
+            steps.extend(Refetched(record, event) for record in records)
             filled.append((event.message.tp, offsets))
         steps.append(event)
     return steps

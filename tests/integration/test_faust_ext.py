@@ -11,9 +11,12 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.structs import OffsetAndMetadata
 
 from monitor.faust_ext import (
+    OffsetGuard,
     RewindingConsumerThread,
+    fetch_range,
     install_rewinding_consumer,
     seek_to_committed,
+    undelivered,
 )
 from monitor.runner import worker_app
 from monitor.settings import Settings
@@ -75,3 +78,51 @@ def test_the_worker_app_uses_the_rewinding_consumer(tmp_path: Path) -> None:
     assert isinstance(app.consumer._thread, RewindingConsumerThread)
     with pytest.raises(RuntimeError, match="has its consumer already"):
         install_rewinding_consumer(app)  # too late: faust would not use it
+
+
+async def test_fetch_range_reads_exactly_the_missing_offsets(kafka_bootstrap_servers: str
+                                                             ) -> None:
+    topic = f"h-{uuid.uuid4().hex[:8]}"
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap_servers, linger_ms=50)
+    await producer.start()
+    try:
+        sent = [await producer.send(topic, b"%d" % n, partition=0) for n in range(10)]
+        await asyncio.gather(*sent)  # one produce batch: the range starts inside it
+    finally:
+        await producer.stop()
+    records = await fetch_range(kafka_bootstrap_servers, topic, 0, 3, 7)
+    assert [(r.offset, r.value) for r in records] == [(n, b"%d" % n) for n in range(3, 7)]
+
+
+async def test_a_hole_is_read_again_once_the_broker_answers(kafka_bootstrap_servers: str,
+                                                            monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    """The broker refuses the first read of the hole (here: nothing listens on the
+    port); the agent waits and tries again rather than skip the offsets."""
+    from types import SimpleNamespace
+
+    from monitor.embedded import free_port
+
+    topic = f"g-{uuid.uuid4().hex[:8]}"
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap_servers)
+    await producer.start()
+    try:
+        for n in range(5):
+            await producer.send_and_wait(topic, b"%d" % n, partition=0)
+    finally:
+        await producer.stop()
+    tp = TopicPartition(topic, 0)
+    positions = {(topic, 0): 1}
+    consumer = SimpleNamespace(positions=positions)
+    guard = OffsetGuard()
+    message = SimpleNamespace(topic=topic, partition=0, offset=4, tp=tp)
+    servers = iter([f"127.0.0.1:{free_port()}", kafka_bootstrap_servers])
+    real_fetch = fetch_range
+
+    async def fetch(_bootstrap: str, *args: object) -> list:
+        return await real_fetch(next(servers), *args, timeout=5)
+
+    monkeypatch.setattr("monitor.faust_ext.fetch_range", fetch)
+    records, offsets = await undelivered(guard, consumer, kafka_bootstrap_servers, message)
+    assert [r.offset for r in records] == [1, 2, 3] and offsets == range(1, 4)
+    assert guard.check(tp, 5) is None  # and the guard goes on after the message
