@@ -23,7 +23,9 @@ twice (issue #4).
   after a restart: one message of a partition never reached the agent, the next ones
   did). The agent knows where each partition's reading starts after every seek
   (`seek_to_committed` records it), so it sees such a hole; it reads the missing
-  offsets itself and steps them first, then counts them as acked.
+  offsets itself and steps them first, then counts them as acked. A hole at the end of
+  a quiet partition has no later message to show it: the consumer notes the highest
+  offset faust fetched, and a timer compares (`OffsetGuard.tails`).
 - `ConfirmedTable`: a faust table that can wait until the broker has its writes. A
   table write only joins faust's producer buffer, and faust drops the future of its
   changelog record: a worker killed before the buffer drained loses the write (the
@@ -44,7 +46,8 @@ from aiokafka.errors import KafkaError
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
 __all__ = ["ConfirmedTable", "OffsetGuard", "commit_offset", "drop", "fetch_range",
-           "install_rewinding_consumer", "mark_acked", "seek_to_committed", "undelivered"]
+           "install_rewinding_consumer", "mark_acked", "read_hole", "seek_to_committed", "sync",
+           "undelivered"]
 
 Partition = tuple[str, int]  # (topic, partition)
 
@@ -96,9 +99,32 @@ class OffsetGuard:
     def __init__(self) -> None:
         self.next: dict[Partition, int] = {}
         self.source: object = None  # the positions it was last reset from
+        self.suspects: dict[Partition, tuple[int, int]] = {}  # see `tails`
 
     def reset(self, positions: Mapping[Partition, int], source: object = None) -> None:
-        self.next, self.source = dict(positions), source
+        self.next, self.source, self.suspects = dict(positions), source, {}
+
+    def tails(self, read: Mapping[Partition, int]) -> dict[Partition, tuple[int, int]]:
+        """The holes at the end of partitions: offsets faust fetched (``read``: the
+        highest, per partition) that never reached the agent. A hole at the end has no
+        later message to show it, so it counts when two calls in a row see the same one
+        (a message on its way to the agent between them is not one)."""
+        holes, suspects = {}, {}
+        for partition, expected in self.next.items():
+            last = read.get(partition)
+            if last is None or last < expected:
+                continue
+            if self.suspects.get(partition) == (expected, last):
+                holes[partition] = (expected, last + 1)
+            else:
+                suspects[partition] = (expected, last)
+        self.suspects = suspects
+        return holes
+
+    def filled(self, partition: Partition, end: int) -> None:
+        """A hole up to ``end`` (excluded) was read another way."""
+        self.next[partition] = max(self.next.get(partition, end), end)
+        self.suspects.pop(partition, None)
 
     def check(self, partition: Partition, offset: int) -> tuple[int, int] | None:
         expected = self.next.get(partition)
@@ -136,27 +162,39 @@ async def fetch_range(bootstrap: str, topic: str, partition: int, start: int, en
 async def undelivered(guard: OffsetGuard, consumer: Any, bootstrap: str, message: Any
                       ) -> tuple[list[Any], range]:
     """The records faust fetched but never delivered before ``message`` (read again with
-    `fetch_range`), and their offsets, to `mark_acked` once they are handled."""
-    positions = consumer.positions
-    if positions is not guard.source:
-        guard.reset(positions, source=positions)
+    `read_hole`), and their offsets, to `mark_acked` once they are handled."""
+    sync(guard, consumer, message.topic)
     hole = guard.check(message.tp, message.offset)
     if hole is None:
         return [], range(0)
+    return await read_hole(bootstrap, (message.topic, message.partition), hole), range(*hole)
+
+
+def sync(guard: OffsetGuard, consumer: Any, topic: str) -> None:
+    """Start the guard again from the positions of the consumer's last seek in
+    ``topic`` (the guard's agent reads that topic alone), if there was a seek since."""
+    positions = consumer.positions
+    if positions is not guard.source:
+        guard.reset({tp: offset for tp, offset in positions.items() if tp[0] == topic},
+                    source=positions)
+
+
+async def read_hole(bootstrap: str, partition: Partition, hole: tuple[int, int]) -> list[Any]:
+    """`fetch_range` for offsets faust did not deliver, tried again until the broker
+    answers: the agent cannot go on without them (as with the broker's writes)."""
     log = logging.getLogger(__name__)
+    (topic, number), (start, end) = partition, hole
     log.warning("%s[%s]: offsets %s to %s were not delivered by faust; reading them again",
-                message.topic, message.partition, hole[0], hole[1] - 1)
+                topic, number, start, end - 1)
     delay = 1.0
-    while True:  # the agent cannot go on without them: as the broker's writes, until done
+    while True:
         try:
-            records = await fetch_range(bootstrap, message.topic, message.partition, *hole)
+            return await fetch_range(bootstrap, topic, number, start, end)
         except (KafkaError, OSError, TimeoutError) as exc:
             log.warning("%s[%s]: could not read offsets %s to %s, trying again in %.0f s: %s",
-                        message.topic, message.partition, hole[0], hole[1] - 1, delay, exc)
+                        topic, number, start, end - 1, delay, exc)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
-        else:
-            return records, range(*hole)
 
 
 def drop(consumer: Any, message: Any) -> None:
@@ -192,9 +230,22 @@ class RewindingConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
 class RewindingConsumer(faust_aiokafka.Consumer):
     """faust's aiokafka consumer with `seek_to_committed` and `commit_offset`.
     ``positions``: where each partition of the agents' topics was read from after the
-    last seek to the committed offsets."""
+    last seek to the committed offsets. ``fetched``: the highest offset faust fetched,
+    by partition (the offsets `OffsetGuard.tails` knows exist)."""
 
     positions: dict[Partition, int] = {}
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fetched: dict[Any, int] = {}
+
+    async def getmany(self, timeout: float) -> Any:
+        # faust's, noting what it fetched
+        fetched = self.fetched
+        async for tp, message in super().getmany(timeout):
+            if message.offset > fetched.get(tp, -1):
+                fetched[tp] = message.offset
+            yield tp, message
 
     def _new_offset(self, tp: Any) -> int | None:
         # faust's own, but for its check of a hole at the head (see `commit_offset`)

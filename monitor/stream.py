@@ -50,6 +50,8 @@ from .faust_ext import (
     drop,
     install_rewinding_consumer,
     mark_acked,
+    read_hole,
+    sync,
     undelivered,
 )
 from .notify import alert_payload
@@ -61,6 +63,7 @@ log = logging.getLogger(__name__)
 RETRY_SECONDS = 1.0  # before sending again what the broker did not take
 OFFSET_BITS = 40  # position = partition << 40 | offset
 JOURNAL_ROWS = 300  # subject rows in one trial's checkpoint, at most (see Batch.count)
+TAIL_CHECK_SECONDS = 5.0  # how often to look for a message dropped at a partition's end
 MARKER = "~"  # tansu only: the key of the row that ends a batch's writes to a partition
 
 
@@ -295,6 +298,8 @@ def build_app(settings: Settings, catalog: dict[str, TrialRules],
 
     sink = Sink(table)
     guard = OffsetGuard()
+    busy = asyncio.Lock()  # one batch at a time: the agent's, or `tail_holes`'s
+    last_events: dict[Any, Any] = {}  # the last event delivered, by partition
 
     async def load_if_needed() -> None:
         if pipeline.settled and not pipeline.loaded:
@@ -305,18 +310,34 @@ def build_app(settings: Settings, catalog: dict[str, TrialRules],
         track_changelog(app, table.changelog_topic.get_topic_name())
         async for batch_events in stream.take_events(settings.batch_size,
                                                      within=settings.batch_within):
-            await load_if_needed()
-            started, batch, filled = time.monotonic(), Batch(), []
-            for event in await admitted(app, pipeline, guard, batch_events, filled):
-                pipeline.handle(batch, event)
-                if batch.full:  # the events are acked once the whole batch is written
-                    await flush(batch, pipeline, sink, dead, alerts_out)
-                    batch = Batch()
-            await flush(batch, pipeline, sink, dead, alerts_out)
-            for tp, offsets in filled:
-                mark_acked(app.consumer, tp, offsets)
+            async with busy:
+                await load_if_needed()
+                started, filled = time.monotonic(), []
+                steps = await admitted(app, pipeline, guard, batch_events, filled)
+                await step_all(steps, pipeline, sink, dead, alerts_out)
+                for tp, offsets in filled:
+                    mark_acked(app.consumer, tp, offsets)
+                last_events.update((event.message.tp, event) for event in batch_events)
             if metrics is not None:
                 metrics.observe_latency(time.monotonic() - started, len(batch_events))
+
+    @app.timer(TAIL_CHECK_SECONDS)
+    async def tail_holes() -> None:
+        """Step what faust read and dropped at the end of a partition: with no later
+        message, `admitted` never sees that hole (`OffsetGuard.tails`)."""
+        async with busy:
+            if not pipeline.loaded:
+                return
+            sync(guard, app.consumer, settings.events_topic)
+            for partition, hole in guard.tails(app.consumer.fetched).items():
+                carrier = last_events.get(partition)
+                if carrier is None:  # nothing delivered since the seek: the seek reads it
+                    continue
+                records = await read_hole(bootstrap(settings.broker), partition, hole)
+                await step_all([Refetched(record, carrier) for record in records],
+                               pipeline, sink, dead, alerts_out)
+                guard.filled(partition, hole[1])
+                mark_acked(app.consumer, carrier.message.tp, range(*hole))
 
     @app.on_partitions_revoked.connect
     async def forget(_sender: Any, *_args: Any, **_kwargs: Any) -> None:
@@ -335,6 +356,18 @@ def build_app(settings: Settings, catalog: dict[str, TrialRules],
 
     add_routes(app, pipeline, metrics)
     return app, pipeline
+
+
+async def step_all(events: list[Any], pipeline: Pipeline, sink: Sink, dead: Any,
+                   alerts_out: Any) -> None:
+    """Step events and write what they change, in batches a checkpoint can hold."""
+    batch = Batch()
+    for event in events:
+        pipeline.handle(batch, event)
+        if batch.full:
+            await flush(batch, pipeline, sink, dead, alerts_out)
+            batch = Batch()
+    await flush(batch, pipeline, sink, dead, alerts_out)
 
 
 class Refetched(NamedTuple):

@@ -102,3 +102,41 @@ def test_offsets_read_again_are_marked_acked_from_the_committed_offset_on() -> N
     mark_acked(consumer, TP, range(3, 9))
     assert sorted(consumer._acked[TP]) == [5, 6, 7, 8]  # once each, none below the commit
     assert commit_offset(sorted(consumer._acked[TP]), 5) == (9, 4)
+
+
+def test_a_hole_at_the_end_counts_when_two_looks_agree() -> None:
+    guard = OffsetGuard()
+    guard.reset({TP: 10})
+    assert guard.check(TP, 10) is None
+    assert guard.tails({TP: 10}) == {}  # fetched up to what was delivered: no hole
+    assert guard.tails({TP: 12}) == {}  # 11, 12 fetched, not delivered: on their way?
+    assert guard.tails({TP: 12}) == {TP: (11, 13)}  # still not: faust dropped them
+    guard.filled(TP, 13)
+    assert guard.tails({TP: 12}) == {}
+    assert guard.check(TP, 13) is None
+
+
+def test_a_message_delivered_between_two_looks_is_no_hole() -> None:
+    guard = OffsetGuard()
+    guard.reset({TP: 0})
+    assert guard.tails({TP: 3}) == {}
+    assert guard.check(TP, 0) is None  # the agent got one meanwhile
+    assert guard.tails({TP: 3}) == {}  # a new suspect, not yet a hole
+    assert guard.check(TP, 1) is None and guard.check(TP, 2) is None
+    assert guard.check(TP, 3) is None
+    assert guard.tails({TP: 3}) == {}
+    assert guard.tails({TP: 3}) == {}
+
+
+def test_sync_keeps_the_positions_of_the_agents_topic() -> None:
+    from types import SimpleNamespace
+
+    from monitor.faust_ext import sync
+
+    positions = {("events", 0): 4, ("alerts", 0): 9}
+    guard = OffsetGuard()
+    sync(guard, SimpleNamespace(positions=positions), "events")
+    assert guard.next == {("events", 0): 4} and guard.source is positions
+    guard.check(("events", 0), 4)
+    sync(guard, SimpleNamespace(positions=positions), "events")  # the same seek: kept
+    assert guard.next == {("events", 0): 5}
