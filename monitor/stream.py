@@ -331,8 +331,8 @@ def build_app(settings: Settings, catalog: dict[str, TrialRules],
             sync(guard, app.consumer, settings.events_topic)
             for partition, hole in guard.tails(app.consumer.fetched).items():
                 carrier = last_events.get(partition)
-                if carrier is None:  # nothing delivered since the seek: the seek reads it
-                    continue
+                if carrier is None:  # none delivered on it yet, to write under: the next
+                    continue  # message (or seek) shows the hole
                 records = await read_hole(bootstrap(settings.broker), partition, hole)
                 await step_all([Refetched(record, carrier) for record in records],
                                pipeline, sink, dead, alerts_out)
