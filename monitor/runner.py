@@ -102,12 +102,13 @@ def email_agent(settings: Settings, catalog: dict[str, TrialRules], metrics: obj
                             on_outcome=getattr(metrics, "observe_email", None))
 
         guard = OffsetGuard()  # alerts faust fetched and never delivered: see faust_ext
+        servers = bootstrap(settings.broker)
 
         @app.agent(alerts_topic)
         async def email(stream) -> None:  # noqa: ANN001
             async for event in stream.events():
-                records, missed = await undelivered(guard, app.consumer,
-                                                    bootstrap(settings.broker), event.message)
+                records, missed = await undelivered(guard, app.consumer, servers,
+                                                    event.message)
                 for message in (*records, event.message):
                     await notifier.notify(*alert_from_payload(orjson.loads(message.value)))
                     # the alert's table entry reaches the broker before this alert is

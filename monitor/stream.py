@@ -52,7 +52,6 @@ from .faust_ext import (
     mark_acked,
     read_hole,
     sync,
-    undelivered,
 )
 from .notify import alert_payload
 from .publish import bootstrap
@@ -298,6 +297,7 @@ def build_app(settings: Settings, catalog: dict[str, TrialRules],
 
     sink = Sink(table)
     guard = OffsetGuard()
+    servers = bootstrap(settings.broker)  # where the guard reads holes again
     busy = asyncio.Lock()  # one batch at a time: the agent's, or `tail_holes`'s
     last_events: dict[Any, Any] = {}  # the last event delivered, by partition
 
@@ -313,7 +313,7 @@ def build_app(settings: Settings, catalog: dict[str, TrialRules],
             async with busy:
                 await load_if_needed()
                 started, filled = time.monotonic(), []
-                steps = await admitted(app, pipeline, guard, batch_events, filled)
+                steps = await admitted(app, pipeline, guard, servers, batch_events, filled)
                 await step_all(steps, pipeline, sink, dead, alerts_out)
                 for tp, offsets in filled:
                     mark_acked(app.consumer, tp, offsets)
@@ -333,7 +333,7 @@ def build_app(settings: Settings, catalog: dict[str, TrialRules],
                 carrier = last_events.get(partition)
                 if carrier is None:  # none delivered on it yet, to write under: the next
                     continue  # message (or seek) shows the hole
-                records = await read_hole(bootstrap(settings.broker), partition, hole)
+                records = await read_hole(servers, partition, hole)
                 await step_all([Refetched(record, carrier) for record in records],
                                pipeline, sink, dead, alerts_out)
                 guard.filled(partition, hole[1])
@@ -378,8 +378,8 @@ class Refetched(NamedTuple):
     carrier: Any  # faust's event
 
 
-async def admitted(app: Any, pipeline: Pipeline, guard: OffsetGuard, batch_events: list[Any],
-                   filled: list[tuple[Any, range]]) -> list[Any]:
+async def admitted(app: Any, pipeline: Pipeline, guard: OffsetGuard, servers: str,
+                   batch_events: list[Any], filled: list[tuple[Any, range]]) -> list[Any]:
     """The events of a batch to step, in order, with what faust never delivered.
 
     Before the trials are loaded (a rebalance is under way) none is stepped: they stay
@@ -387,16 +387,19 @@ async def admitted(app: Any, pipeline: Pipeline, guard: OffsetGuard, batch_event
     that comes after a hole (offsets faust fetched and dropped), the hole's messages,
     read again; ``filled`` gets their offsets, to count as acked once the batch is
     written (`monitor.faust_ext.OffsetGuard`)."""
+    if not pipeline.loaded:
+        for event in batch_events:
+            drop(app.consumer, event.message)
+        return []
+    sync(guard, app.consumer, pipeline.settings.events_topic)
     steps: list[Any] = []
     for event in batch_events:
-        if not pipeline.loaded:
-            drop(app.consumer, event.message)
-            continue
-        records, offsets = await undelivered(guard, app.consumer,
-                                             bootstrap(pipeline.settings.broker), event.message)
-        if offsets:
+        message = event.message
+        hole = guard.check(message.tp, message.offset)
+        if hole is not None:
+            records = await read_hole(servers, (message.topic, message.partition), hole)
             steps.extend(Refetched(record, event) for record in records)
-            filled.append((event.message.tp, offsets))
+            filled.append((message.tp, range(*hole)))
         steps.append(event)
     return steps
 
