@@ -14,6 +14,7 @@ result now.
 from __future__ import annotations
 
 import datetime as dt
+from hashlib import blake2b
 
 import msgspec
 
@@ -31,17 +32,20 @@ class Episode(msgspec.Struct, array_like=True):
 
 
 class LedgerEntry(msgspec.Struct):
-    """What the engine remembers of one rule's alerts. Small: episodes, not evidence
-    history; the last evidence keys are kept to tell an update from a repeat."""
+    """What the engine remembers of one rule's alerts, durably. Small, whatever the
+    trial's size: episodes, and a digest of the evidence at the last decision, not the
+    evidence. The evidence keys themselves are derived state (`TrialState.evidence`):
+    the rule's trackers give them again after a load, and the digest tells whether they
+    are the ones this entry decided on."""
 
     rule_id: str
     severity: str
     episodes: list[Episode] = []
     breached: bool = False
     value: float = 0
-    evidence: tuple[str, ...] = ()
     sequence: int = 0  # transitions so far in the open episode
-
+    evidence_count: int = 0  # evidence keys at the last decision (none when ok)
+    evidence_digest: str = ""  # `digest` of those keys
     @property
     def episode(self) -> int:
         return self.episodes[-1].number if self.episodes else 0
@@ -85,15 +89,30 @@ def alert_id(trial_id: str, rule_id: str, episode: int) -> str:
     return f"{trial_id}/{rule_id}/{episode}"
 
 
-def decide(entry: LedgerEntry, result: RuleResult) -> str | None:
+def digest(keys: tuple[str, ...]) -> str:
+    """A fixed-size fingerprint of evidence keys (what `LedgerEntry` keeps of them)."""
+    return blake2b("\n".join(keys).encode(), digest_size=16).hexdigest() if keys else ""
+
+
+def known_evidence(entry: LedgerEntry, keys: tuple[str, ...]) -> tuple[str, ...] | None:
+    """After a load: the evidence keys the entry decided on, given the keys the rule's
+    tracker gives now; None when they are not those (the rules changed since)."""
+    if not entry.breached:
+        return ()
+    if len(keys) == entry.evidence_count and digest(keys) == entry.evidence_digest:
+        return keys
+    return None
+
+
+def decide(entry: LedgerEntry, result: RuleResult,
+           before: tuple[str, ...] | None) -> str | None:
     """raised / updated / resolved, or None when nothing an alert reader cares about
-    changed."""
+    changed. ``before``: the evidence keys of the last decision (None: unknown)."""
     if result.breached and not entry.breached:
         return RAISED
     if not result.breached and entry.breached:
         return RESOLVED
-    if result.breached and (result.evidence_keys != entry.evidence or
-                            result.value != entry.value):
+    if result.breached and (result.evidence_keys != before or result.value != entry.value):
         return UPDATED
     return None
 
@@ -110,14 +129,18 @@ def record(entry: LedgerEntry, result: RuleResult, transition: str | None,
         entry.sequence += 1
     entry.breached = result.breached
     entry.value = result.value
-    entry.evidence = result.evidence_keys if result.breached else ()
+    keys = result.evidence_keys if result.breached else ()
+    entry.evidence_count, entry.evidence_digest = len(keys), digest(keys)
 
 
-def transition_of(trial_id: str, rule, entry: LedgerEntry, before: tuple[str, ...],  # noqa: ANN001
-                  result: RuleResult, transition: str, event_id: str,
-                  recorded_at: dt.datetime) -> AlertTransition:
-    """The alert message for a decision already recorded in ``entry``."""
+def transition_of(trial_id: str, rule, entry: LedgerEntry,  # noqa: ANN001
+                  before: tuple[str, ...] | None, result: RuleResult, transition: str,
+                  event_id: str, recorded_at: dt.datetime) -> AlertTransition:
+    """The alert message for a decision already recorded in ``entry``. ``before`` is
+    the evidence keys of the last decision; when they are unknown (None: the rules
+    changed since the ledger was written), every key counts as added."""
     keys = result.evidence_keys
+    before = before or ()
     now, was = set(keys), set(before)
     return AlertTransition(
         id=alert_id(trial_id, rule.id, entry.episode), trial_id=trial_id, rule_id=rule.id,

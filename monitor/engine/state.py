@@ -169,6 +169,8 @@ class TrialState:
     # per AE rule: (rule, in-window only, lowest grade, the other checks, tracker)
     ae_plan: tuple[tuple, ...] = ()
     trackers: dict[str, object] = field(default_factory=dict)
+    # per rule, the evidence keys of its last decision (None: unknown, see rebuild)
+    evidence: dict[str, tuple[str, ...] | None] = field(default_factory=dict)
     infusion_days: dict[str, tuple[dt.date, dt.date, list[dt.date]]] = field(default_factory=dict)
 
     def placement(self, subject_id: str, ae: AdverseEvent) -> Placement:
@@ -206,6 +208,13 @@ def rebuild(trial: TrialState) -> TrialState:
         tracking.track_subject(trial, subject)
     tracking.track_infused(trial)
     tracking.track_halts(trial)
+    # the ledger keeps a digest of each rule's evidence, not the keys: they are the
+    # trackers' own, unless the rules changed since it was written
+    trial.evidence = {}
+    for rule in rules:
+        entry = trial.ledger[rule.id]
+        keys = trial.trackers[rule.id].evidence_keys() if entry.breached else ()
+        trial.evidence[rule.id] = alerts.known_evidence(entry, keys)
     return trial
 
 

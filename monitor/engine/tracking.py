@@ -132,13 +132,14 @@ def _decide(trial: TrialState, dirty: list[Rule], event,  # noqa: ANN001
         if not entry.breached and not tracker.breached():
             entry.value = tracker.value()  # ok before and after: no evidence to build
             continue
+        before = trial.evidence.get(rule.id, ())
         if (entry.breached and tracker.breached() and tracker.value() == entry.value
-                and tracker.evidence_keys() == entry.evidence):
+                and tracker.evidence_keys() == before):
             continue  # breached before and after, nothing new: no evidence to build
         result = tracker.result()
-        transition = alerts.decide(entry, result)
-        before = entry.evidence
+        transition = alerts.decide(entry, result, before)
         alerts.record(entry, result, transition, event.recorded_at)
+        trial.evidence[rule.id] = result.evidence_keys if result.breached else ()
         if transition is not None:
             out.append(alerts.transition_of(trial.trial_id, rule, entry, before, result,
                                             transition, event.event_id, event.recorded_at))

@@ -14,7 +14,8 @@ SOURCES = sorted(ENGINE.glob("*.py"))
 
 ALLOWED_IMPORTS = {
     "__future__", "bisect", "calendar", "sys", "collections", "dataclasses", "datetime",
-    "functools", "itertools", "math", "operator", "re", "statistics", "typing", "types", "enum",
+    "functools", "hashlib", "itertools", "math", "operator", "re", "statistics", "typing",
+    "types", "enum",
     "msgspec", "orjson", "pydantic", "yaml", "numpy", "scipy",
 }
 IO_LIBRARIES = ("faust", "aiokafka", "aiosmtplib", "aiosmtpd", "prometheus_client", "aiohttp",

@@ -97,3 +97,39 @@ def test_records_keep_offsets_of_date_times() -> None:
     assert loaded.subjects["S1"].infusions[0].recorded_at.isoformat() == \
         "2021-01-01T09:00:00+07:00"
     assert encode(message)  # the builder's message is valid JSON
+
+
+def test_the_trial_record_stays_small_however_much_evidence_a_rule_holds() -> None:
+    """The ledger keeps a digest of each rule's evidence, not its keys: a breached
+    count rule with 300 items writes a trial row no larger than with 3."""
+    trial = new_trial(TRIAL, RULES_ISC)
+    sizes = {}
+    for number in range(300):
+        subject = f"S{number:03d}"
+        step(trial, event(infusion(subject, "2021-01-01")))
+        step(trial, event(ae(subject, "A", "2021-02-01", grade=3, serious=True)))
+        sizes[number + 1] = len(records.trial_record(trial)[1])
+    assert trial.evidence["related-sae"] and len(trial.evidence["related-sae"]) == 300
+    assert sizes[300] - sizes[3] < 20  # numbers may gain a digit
+    loaded = records.load_trial(TRIAL, RULES_ISC, rows_of(trial))
+    assert loaded.evidence == trial.evidence  # given again by the trackers
+    assert reconcile(loaded) == []
+
+
+def test_evidence_the_ledger_did_not_decide_on_is_reported_as_added() -> None:
+    """A rules file changed between runs: the loaded trackers give other evidence than
+    the ledger's digest; the update says so, with every key as added."""
+    trial = new_trial(TRIAL, RULES_ISC)
+    for subject, grade in (("S1", 3), ("S2", 3), ("S3", 2)):
+        step(trial, event(infusion(subject, "2021-01-01")))
+        step(trial, event(ae(subject, "A", "2021-02-01", grade=grade, serious=True)))
+    assert trial.evidence["grade3-events"] == ("S1/A", "S2/A")
+    wider = parse_rules(RULES.replace("threshold: 2,\n      match: {grade_min: 3}",
+                                      "threshold: 2,\n      match: {grade_min: 2}"))
+    loaded = records.load_trial(TRIAL, wider, rows_of(trial))
+    assert loaded.evidence["grade3-events"] is None  # not what the ledger decided on
+    assert loaded.evidence["related-sae"] == trial.evidence["related-sae"]
+    updates = reconcile(loaded)
+    assert [(a.rule_id, a.transition, a.added, a.removed) for a in updates] == [
+        ("grade3-events", "updated", ("S1/A", "S2/A", "S3/A"), ())]
+    assert reconcile(loaded) == []
