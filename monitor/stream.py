@@ -23,11 +23,9 @@ messages itself, and the consumer never commits past an offset not acked
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import logging
 import time
-import weakref
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, NamedTuple
@@ -62,30 +60,13 @@ log = logging.getLogger(__name__)
 RETRY_SECONDS = 1.0  # before sending again what the broker did not take
 OFFSET_BITS = 40  # position = partition << 40 | offset
 JOURNAL_ROWS = 300  # subject rows in one trial's checkpoint, at most (see Batch.count)
+PRODUCE_BATCH_BYTES = 512 * 1024  # the table rows of one produce batch, at most
 TAIL_CHECK_SECONDS = 5.0  # how often to look for a message dropped at a partition's end
 MARKER = "~"  # tansu only: the key of the row that ends a batch's writes to a partition
 
 
 def position(partition: int, offset: int) -> int:
     return (partition << OFFSET_BITS) | offset
-
-
-@contextlib.contextmanager
-def current_event(event: Any) -> Iterator[None]:
-    """Make ``event`` faust's current event, as ``async for event in stream`` does.
-
-    Inside ``take_events()`` faust has no current event, and a table write needs one: it
-    goes to the changelog partition of the current event. We only write keys of the
-    trials on that event's partition. ``_current_event`` is private to faust.streams;
-    faust-streaming is pinned below 0.16 for that reason.
-    """
-    from faust.streams import _current_event
-
-    token = _current_event.set(weakref.ref(event))
-    try:
-        yield
-    finally:
-        _current_event.reset(token)
 
 
 class Batch:
@@ -129,6 +110,9 @@ class Pipeline:
         self.settled = False  # the tables of the current assignment are recovered
         self.loaded = False  # the trials in memory are those of the table
         self.unwritten: dict[str, list[tuple[str, bytes]]] = {}  # journals loaded, by trial
+        # each trial's report and the day it is for, until an event of the trial comes:
+        # a scrape of /metrics, /status and each alert message read it
+        self.reports: dict[str, tuple[dt.date, dict]] = {}
 
     def handle(self, batch: Batch, event: Any) -> None:
         """Step one Kafka message; remember what to write, send and dead-letter."""
@@ -141,6 +125,7 @@ class Pipeline:
             self._observe("rejected", parsed)
             return
         trial = self.trials.trial(parsed.trial_id)
+        self.reports.pop(parsed.trial_id, None)
         changes = step(trial, parsed, position(message.partition, message.offset))[1]
         self._observe(changes.outcome, parsed)
         touched = batch.touched[message.partition][parsed.trial_id]
@@ -165,9 +150,19 @@ class Pipeline:
     def message(self, alert: AlertTransition, now: dt.datetime) -> tuple[bytes, bytes]:
         """The alerts-topic message: key the alert id, value the alert and its trial's
         counts now (for e-mail)."""
-        trial = self.trials.trials.get(alert.trial_id)
-        summary = trial_summary(trial_report(trial, now), now) if trial else None
+        summary = trial_summary(self.report(alert.trial_id, now), now) \
+            if alert.trial_id in self.trials.trials else None
         return alert.id.encode(), orjson.dumps(alert_payload(alert, summary))
+
+    def report(self, trial_id: str, now: dt.datetime) -> dict:
+        """`trial_report` of a trial in memory as of now; a report depends on the
+        trial's state and on the date alone, so it is kept until either changes."""
+        cached, day = self.reports.get(trial_id), now.date()
+        if cached is not None and cached[0] == day:
+            return cached[1]
+        report = trial_report(self.trials.trials[trial_id], now)
+        self.reports[trial_id] = (day, report)
+        return report
 
     def plan(self, batch: Batch, now: dt.datetime) -> Writes:
         """What to send and write for a batch, in the order of `Writes`."""
@@ -192,7 +187,7 @@ class Pipeline:
         for key, value in rows:
             if not key.startswith(MARKER):
                 by_trial[records.key_trial(key)].append((key, value))
-        self.trials.trials, self.unwritten = {}, {}
+        self.trials.trials, self.unwritten, self.reports = {}, {}, {}
         messages: list[tuple[bytes, bytes]] = []
         now = dt.datetime.now(dt.UTC)
         for trial_id, rows_of_trial in by_trial.items():
@@ -206,11 +201,12 @@ class Pipeline:
         return messages
 
     def forget(self) -> None:
-        self.trials.trials, self.unwritten = {}, {}
+        self.trials.trials, self.unwritten, self.reports = {}, {}, {}
         self.settled = self.loaded = False
 
     def status(self, now: dt.datetime) -> dict:
-        return self.trials.report(now)
+        """`Trials.report`: the ``trials`` part of the replay JSON, for the trials here."""
+        return {trial_id: self.report(trial_id, now) for trial_id in sorted(self.trials.trials)}
 
 
 def track_changelog(app: Any, changelog: str) -> None:
@@ -263,6 +259,9 @@ def faust_settings(settings: Settings) -> dict[str, Any]:
         "broker_rebalance_timeout": settings.session_timeout,
         "consumer_auto_offset_reset": "earliest",
         "producer_acks": -1,
+        # the table's rows go out as one produce batch per partition (`ConfirmedTable`);
+        # half of Kafka's default largest message (message.max.bytes, 1 MB)
+        "producer_max_batch_size": PRODUCE_BATCH_BYTES,
         "table_standby_replicas": 0,
         "web_enabled": True,
         "web_tables_enabled": False,  # no /table/<name>/<key>/ pages: they expose state
@@ -416,9 +415,7 @@ class Sink:
 
     def rows(self, event: Any, rows: list[tuple[str, bytes]]) -> None:
         """Write rows to the table, in the changelog partition of ``event``."""
-        with current_event(event):
-            for key, value in rows:
-                self.table[key] = value
+        self.table.write(event, rows)
 
     async def send(self, topic: Any, key: bytes | None, value: bytes) -> None:
         async def again() -> Any:
@@ -432,17 +429,20 @@ class Sink:
         self.unconfirmed.append((await again(), again))
 
     async def confirm(self) -> None:
-        while self.unconfirmed or self.table.unconfirmed:
+        await self.table.send_rows()
+        while self.unconfirmed or self.table.unconfirmed or self.table.batches:
             messages, self.unconfirmed = self.unconfirmed, []
             writes, self.table.unconfirmed = self.table.unconfirmed, []
             failed_messages = [again for future, again in messages
                                if not await delivered(future)]
             failed_writes = [(args, kwargs) for future, args, kwargs in writes
                              if not await delivered(future)]
-            if failed_messages or failed_writes:
+            failed_rows = await self.table.confirm_rows()
+            if failed_messages or failed_writes or failed_rows:
                 await asyncio.sleep(RETRY_SECONDS)
             for args, kwargs in failed_writes:
                 self.table.send_changelog(*args, **kwargs)  # joins table.unconfirmed
+            await self.table.resend(failed_rows)  # joins table.batches
             for again in failed_messages:
                 self.unconfirmed.append((await again(), again))
 

@@ -158,3 +158,23 @@ def test_a_batch_is_full_before_a_checkpoint_outgrows_a_kafka_message(grade: int
     assert len(rows) == JOURNAL_ROWS + 1  # the checkpoint and its journal's rows
     assert bool(writes.alerts) == (grade == 3)
     assert len(checkpoint) < 2**20 // 2
+
+
+def test_reports_are_kept_until_an_event_of_the_trial_or_a_new_day() -> None:
+    """/status, /metrics and each alert message read `Pipeline.report`; it is
+    `trial_report`'s answer, computed again only when the trial or the date moved."""
+    pipeline = Pipeline(Settings(), CATALOG)
+    pipeline.loaded = True
+    batch = Batch()
+    for offset, line in enumerate(LINES[:200]):
+        pipeline.handle(batch, message(offset, line))
+    first = pipeline.status(NOW)["ISC.19.29"]
+    assert first == trial_report(pipeline.trials.trials["ISC.19.29"], NOW)
+    assert pipeline.status(NOW + dt.timedelta(hours=1))["ISC.19.29"] is first  # same day
+    early = dt.datetime(2021, 6, 1, tzinfo=dt.UTC)  # another day: windows judged again
+    assert pipeline.status(early)["ISC.19.29"] == trial_report(
+        pipeline.trials.trials["ISC.19.29"], early)
+    for offset, line in enumerate(LINES[200:], 200):
+        pipeline.handle(batch, message(offset, line))
+    after = pipeline.status(NOW)["ISC.19.29"]
+    assert after == trial_report(pipeline.trials.trials["ISC.19.29"], NOW) != first

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -99,8 +101,6 @@ async def test_a_hole_is_read_again_once_the_broker_answers(kafka_bootstrap_serv
                                                             ) -> None:
     """The broker refuses the first read of the hole (here: nothing listens on the
     port); the agent waits and tries again rather than skip the offsets."""
-    from types import SimpleNamespace
-
     from monitor.embedded import free_port
 
     topic = f"g-{uuid.uuid4().hex[:8]}"
@@ -126,3 +126,50 @@ async def test_a_hole_is_read_again_once_the_broker_answers(kafka_bootstrap_serv
     records, offsets = await undelivered(guard, consumer, kafka_bootstrap_servers, message)
     assert [r.offset for r in records] == [1, 2, 3] and offsets == range(1, 4)
     assert guard.check(tp, 5) is None  # and the guard goes on after the message
+
+
+class _Event:
+    """What a table write needs of faust's event: its message's partition."""
+
+    def __init__(self, partition: int) -> None:
+        self.message = SimpleNamespace(partition=partition)
+
+
+async def test_table_rows_go_out_as_produce_batches_in_order(kafka_broker: str,
+                                                             kafka_bootstrap_servers: str,
+                                                             tmp_path: Path) -> None:
+    """`ConfirmedTable.write`: the rows are in the local store at once, and in the
+    changelog partition of their event, in order, once confirmed, in as many produce
+    batches as the batch size needs; the store records the last offset (where a
+    restart reads the changelog on from)."""
+    settings = Settings(broker=kafka_broker, state_dir=tmp_path,
+                        app_id=f"rows-{uuid.uuid4().hex[:8]}")
+    app = worker_app(settings, {})
+    app.conf.producer_max_batch_size = 4096  # ~30 rows a batch: several batches
+    table = app.tables["state"]
+    rows = [(f"s\x1fT\x1f{n:03d}", b"x" * 100 + b"%d" % n) for n in range(200)]
+    await app.producer.start()
+    try:
+        table.write(_Event(1), rows[:120])
+        table.write(_Event(1), rows[120:])
+        assert table[rows[5][0]] == rows[5][1]  # the local store has them already
+        await table.send_rows()
+        assert len(table.batches) > 3
+        assert await table.confirm_rows() == []
+    finally:
+        await app.producer.stop()
+    changelog = TopicPartition(table.changelog_topic.get_topic_name(), 1)
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap_servers,
+                                auto_offset_reset="earliest", enable_auto_commit=False)
+    await consumer.start()
+    try:
+        consumer.assign([changelog])
+        await consumer.seek_to_beginning(changelog)
+        records = []
+        while batch := await consumer.getmany(changelog, timeout_ms=1500):
+            records.extend(batch[changelog])
+    finally:
+        await consumer.stop()
+    # keys as faust encodes a table's keys (JSON), so that its recovery reads them
+    assert [(json.loads(r.key), r.value) for r in records] == rows
+    assert table.data.persisted_offset(changelog) == records[-1].offset
