@@ -30,7 +30,8 @@ twice (issue #4).
   table write only joins faust's producer buffer, and faust drops the future of its
   changelog record: a worker killed before the buffer drained loses the write (the
   worker that takes an e-mail log over then e-mails the alert again), and a write the
-  broker refused is lost while the events that made it are acked.
+  broker refused is lost while the events that made it are acked. Its `write` takes a
+  batch's rows at once and sends them as one produce batch per partition.
 """
 
 from __future__ import annotations
