@@ -40,17 +40,18 @@ import asyncio
 import contextlib
 import logging
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
 import faust
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.types import TP
 
-__all__ = ["ConfirmedTable", "OffsetGuard", "commit_offset", "current_event", "drop",
-           "fetch_range", "install_rewinding_consumer", "mark_acked", "read_hole",
-           "seek_to_committed", "sync", "undelivered"]
+__all__ = ["Carrier", "ConfirmedTable", "OffsetGuard", "commit_offset", "current_event",
+           "drop", "fetch_range", "fill_tails", "install_rewinding_consumer", "mark_acked",
+           "read_hole", "seek_to_committed", "sync", "undelivered"]
 
 Partition = tuple[str, int]  # (topic, partition)
 log = logging.getLogger(__name__)
@@ -198,6 +199,32 @@ async def read_hole(bootstrap: str, partition: Partition, hole: tuple[int, int])
                         topic, number, start, end - 1, delay, exc)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
+
+
+class Carrier:
+    """Stands for faust's event around a record read again (`read_hole`) when no event
+    of its partition is at hand: what a table write asks of the current event is its
+    message's topic and partition."""
+
+    __slots__ = ("__weakref__", "message")  # faust keeps a weak reference to it
+
+    def __init__(self, message: Any) -> None:
+        self.message = message
+
+
+async def fill_tails(guard: OffsetGuard, consumer: Any, bootstrap: str, topic: str,
+                     handle: Callable[[Partition, list[Any]], Awaitable[None]]) -> int:
+    """For an agent's timer: read the records faust fetched at the end of partitions of
+    ``topic`` and never delivered (`OffsetGuard.tails`), await ``handle(partition,
+    records)``, then count them as acked. Returns how many offsets it filled."""
+    sync(guard, consumer, topic)
+    filled = 0
+    for partition, hole in guard.tails(consumer.fetched).items():
+        await handle(partition, await read_hole(bootstrap, partition, hole))
+        guard.filled(partition, hole[1])
+        mark_acked(consumer, TP(*partition), range(*hole))
+        filled += hole[1] - hole[0]
+    return filled
 
 
 def drop(consumer: Any, message: Any) -> None:

@@ -3,6 +3,7 @@ metrics bundle, the e-mail notifier when SMTP is configured, then faust's Worker
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import tempfile
@@ -79,7 +80,15 @@ def email_agent(settings: Settings, catalog: dict[str, TrialRules], metrics: obj
     table for rebalances, and a local fsynced file for a crash on this host)."""
     import orjson
 
-    from .faust_ext import ConfirmedTable, OffsetGuard, mark_acked, undelivered
+    from .faust_ext import (
+        Carrier,
+        ConfirmedTable,
+        OffsetGuard,
+        current_event,
+        fill_tails,
+        mark_acked,
+        undelivered,
+    )
     from .notify import (
         CombinedLog,
         JsonLinesLog,
@@ -89,6 +98,7 @@ def email_agent(settings: Settings, catalog: dict[str, TrialRules], metrics: obj
         alert_from_payload,
     )
     from .publish import bootstrap
+    from .stream import TAIL_CHECK_SECONDS
 
     def add(app, alerts_topic) -> None:  # noqa: ANN001
         # no value_type: faust's JSON gives dicts back; value_type=dict would make it
@@ -103,22 +113,39 @@ def email_agent(settings: Settings, catalog: dict[str, TrialRules], metrics: obj
 
         guard = OffsetGuard()  # alerts faust fetched and never delivered: see faust_ext
         servers = bootstrap(settings.broker)
+        busy = asyncio.Lock()  # one alert at a time: the agent's, or `email_tails`'s
+
+        async def send(messages: list) -> None:
+            for message in messages:
+                await notifier.notify(*alert_from_payload(orjson.loads(message.value)))
+                # the alert's table entry reaches the broker before this alert is acked
+                # and the next one e-mailed: a worker that takes the partition over with
+                # no local log then e-mails again at most the one alert whose entry was
+                # not yet written when this worker died. (One write in flight at a time
+                # also keeps this changelog at one record per produce batch, which tansu
+                # needs to report its end offset right: see broker_is_tansu.)
+                await sent.written()
 
         @app.agent(alerts_topic)
         async def email(stream) -> None:  # noqa: ANN001
             async for event in stream.events():
-                records, missed = await undelivered(guard, app.consumer, servers,
-                                                    event.message)
-                for message in (*records, event.message):
-                    await notifier.notify(*alert_from_payload(orjson.loads(message.value)))
-                    # the alert's table entry reaches the broker before this alert is
-                    # acked and the next one e-mailed: a worker that takes the partition
-                    # over with no local log then e-mails again at most the one alert
-                    # whose entry was not yet written when this worker died. (One write
-                    # in flight at a time also keeps this changelog at one record per
-                    # produce batch, which tansu needs to report its end offset right:
-                    # see broker_is_tansu.)
-                    await sent.written()
-                mark_acked(app.consumer, event.message.tp, missed)
+                async with busy:
+                    records, missed = await undelivered(guard, app.consumer, servers,
+                                                        event.message)
+                    await send([*records, event.message])
+                    mark_acked(app.consumer, event.message.tp, missed)
+
+        @app.timer(TAIL_CHECK_SECONDS)
+        async def email_tails() -> None:
+            """E-mail what faust fetched and dropped at the end of a partition of the
+            alerts topic: an alert can be the last message on it for days."""
+            async def send_records(_partition: object, records: list) -> None:
+                for record in records:
+                    with current_event(Carrier(record)):  # the log's partition: the alert's
+                        await send([record])
+
+            async with busy:
+                await fill_tails(guard, app.consumer, servers, alerts_topic.get_topic_name(),
+                                 send_records)
 
     return add

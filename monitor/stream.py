@@ -43,9 +43,11 @@ from .engine.rules import TrialRules
 from .engine.state import REDELIVERED, reconcile, step
 from .engine.trials import Trials
 from .faust_ext import (
+    Carrier,
     ConfirmedTable,
     OffsetGuard,
     drop,
+    fill_tails,
     install_rewinding_consumer,
     mark_acked,
     read_hole,
@@ -324,19 +326,16 @@ def build_app(settings: Settings, catalog: dict[str, TrialRules],
     async def tail_holes() -> None:
         """Step what faust read and dropped at the end of a partition: with no later
         message, `admitted` never sees that hole (`OffsetGuard.tails`)."""
+        async def step_records(partition: Any, records: list[Any]) -> None:
+            # written under the last event delivered on the partition, or the record
+            carrier = last_events.get(partition)
+            await step_all([Refetched(record, carrier or Carrier(record)) for record in records],
+                           pipeline, sink, dead, alerts_out)
+
         async with busy:
-            if not pipeline.loaded:
-                return
-            sync(guard, app.consumer, settings.events_topic)
-            for partition, hole in guard.tails(app.consumer.fetched).items():
-                carrier = last_events.get(partition)
-                if carrier is None:  # none delivered on it yet, to write under: the next
-                    continue  # message (or seek) shows the hole
-                records = await read_hole(servers, partition, hole)
-                await step_all([Refetched(record, carrier) for record in records],
-                               pipeline, sink, dead, alerts_out)
-                guard.filled(partition, hole[1])
-                mark_acked(app.consumer, carrier.message.tp, range(*hole))
+            if pipeline.loaded:
+                await fill_tails(guard, app.consumer, servers, settings.events_topic,
+                                 step_records)
 
     @app.on_partitions_revoked.connect
     async def forget(_sender: Any, *_args: Any, **_kwargs: Any) -> None:
