@@ -24,6 +24,17 @@ from monitor.runner import worker_app
 from monitor.settings import Settings
 
 
+async def produce(bootstrap: str, topic: str, count: int) -> None:
+    """``count`` records (b"0", b"1", ...) to partition 0 of ``topic``, one at a time."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        for n in range(count):
+            await producer.send_and_wait(topic, b"%d" % n, partition=0)
+    finally:
+        await producer.stop()
+
+
 async def offsets_read(consumer: AIOKafkaConsumer, tp: TopicPartition) -> list[int]:
     """The offsets ``consumer`` reads from ``tp`` until it has nothing more."""
     out: list[int] = []
@@ -104,13 +115,7 @@ async def test_a_hole_is_read_again_once_the_broker_answers(kafka_bootstrap_serv
     from monitor.embedded import free_port
 
     topic = f"g-{uuid.uuid4().hex[:8]}"
-    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap_servers)
-    await producer.start()
-    try:
-        for n in range(5):
-            await producer.send_and_wait(topic, b"%d" % n, partition=0)
-    finally:
-        await producer.stop()
+    await produce(kafka_bootstrap_servers, topic, 5)
     tp = TopicPartition(topic, 0)
     positions = {(topic, 0): 1}
     consumer = SimpleNamespace(positions=positions)
@@ -185,13 +190,7 @@ async def test_a_hole_at_the_end_of_a_partition_is_handled_once_seen_twice(
     from monitor.faust_ext import fill_tails
 
     topic = f"e-{uuid.uuid4().hex[:8]}"
-    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap_servers)
-    await producer.start()
-    try:
-        for n in range(5):
-            await producer.send_and_wait(topic, b"%d" % n, partition=0)
-    finally:
-        await producer.stop()
+    await produce(kafka_bootstrap_servers, topic, 5)
     tp = TP(topic, 0)
     consumer = SimpleNamespace(positions={(topic, 0): 2}, fetched={(topic, 0): 4},
                                _acked_index={tp: set()}, _acked={tp: []},
