@@ -46,6 +46,7 @@ from typing import Any
 import faust
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
+from faust.stores.base import SerializedStore
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 
@@ -254,6 +255,8 @@ class RewindingConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         committed = await self.call_thread(seek_to_committed, self._ensure_consumer(),
                                            self.app.topics.acks_enabled_for, positions)
         self.consumer.positions = positions  # a new dict at each seek: see OffsetGuard
+        for partition in positions:  # what was fetched before the seek is read again
+            self.consumer.fetched.pop(partition, None)
         return committed
 
 
@@ -353,18 +356,26 @@ class ConfirmedTable(faust.Table):
         (a faust event): the local store has them now, the changelog once `send_rows`
         has sent them and `confirm_rows` has seen the broker take them."""
         store, partition = self.data, event.message.partition
-        encoded = [(store._encode_key(key), store._encode_value(value)) for key, value in rows]
+        dumps_key, dumps_value = self.app.serializers.dumps_key, self.app.serializers.dumps_value
+        encoded = [(dumps_key(self.key_type, key, serializer=self.key_serializer),
+                    dumps_value(self.value_type, value, serializer=self.value_serializer))
+                   for key, value in rows]  # as faust encodes a changelog record
         with current_event(event):  # the store writes to the event's partition
-            for key, value in encoded:
-                store._set(key, value)
+            if isinstance(store, SerializedStore):  # RocksDB: it keeps those bytes
+                for key, value in encoded:
+                    store._set(key, value)
+            else:  # the memory store keeps keys and values as they are
+                for key, value in rows:
+                    store[key] = value
         self.queued.setdefault(partition, []).extend(encoded)
 
     async def send_rows(self) -> None:
         """Send the rows `write` took, as few produce batches as fit (each partition's
         rows in order, in batches of up to ``producer_max_batch_size``)."""
-        queued, self.queued = self.queued, {}
-        for partition, rows in queued.items():
+        while self.queued:
+            partition, rows = next(iter(self.queued.items()))
             await self._send_batches(partition, rows)
+            del self.queued[partition]
 
     async def _send_batches(self, partition: int, rows: list[tuple[bytes, bytes]]) -> None:
         producer = self.app.producer._ensure_producer()  # private: faust's aiokafka producer
@@ -376,37 +387,44 @@ class ConfirmedTable(faust.Table):
                                                    timestamp=None) is not None:
                 end += 1
             end = max(end, start + 1)  # aiokafka always takes a batch's first record
-            future = await producer.send_batch(batch, topic, partition=partition)
+            batch.close()  # ours alone: no other send joins it (see `confirm_rows`)
+            while True:
+                try:
+                    future = await producer.send_batch(batch, topic, partition=partition)
+                    break
+                except KafkaError as exc:
+                    log.warning("could not send %d table rows, trying again: %s",
+                                end - start, exc)
+                    await asyncio.sleep(1.0)
             self.batches.append((future, partition, rows[start:end]))
             start = end
 
     async def confirm_rows(self) -> list[tuple[int, list[tuple[bytes, bytes]]]]:
         """Wait for the batches sent; record each partition's last offset in the store
         (what faust does per record, so that a restart reads the changelog on from
-        there). Returns the rows of the batches the broker refused, by partition."""
+        there). Returns the rows to send again, by partition: those of a batch the
+        broker refused, and of every later batch of its partition, so that the
+        changelog keeps the order of the writes (a checkpoint before its subject rows)."""
         batches, self.batches = self.batches, []
-        refused, topic = [], self.changelog_topic.get_topic_name()
+        refused, broken = [], set()
+        topic = self.changelog_topic.get_topic_name()
         for future, partition, rows in batches:
             try:
                 metadata = await future
             except KafkaError as exc:
                 log.warning("the broker did not take %d table rows, sending them again: %s",
                             len(rows), exc)
+                broken.add(partition)
+            if partition in broken:
                 refused.append((partition, rows))
-                continue
-            self.data.set_persisted_offset(TopicPartition(topic, partition),
-                                           metadata.offset + len(rows) - 1)
+            else:
+                self.data.set_persisted_offset(TopicPartition(topic, partition),
+                                               metadata.offset + len(rows) - 1)
         return refused
 
     async def resend(self, refused: list[tuple[int, list[tuple[bytes, bytes]]]]) -> None:
         for partition, rows in refused:
             await self._send_batches(partition, rows)
-
-    def send_changelog(self, *args: Any, **kwargs: Any) -> Any:
-        # every write (set, delete) of the table goes through here
-        future = super().send_changelog(*args, **kwargs)
-        self.unconfirmed.append((future, args, kwargs))
-        return future
 
     async def written(self) -> None:
         """Wait until the broker has every write made so far; raises if one failed."""

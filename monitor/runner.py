@@ -39,8 +39,8 @@ def run_worker_process(settings: Settings, catalog: dict[str, TrialRules],
 
     with broker_for(settings) as settings:
         settings.state_dir.mkdir(parents=True, exist_ok=True)
-        # table writes come in batches larger than faust's 100-message producer buffer;
-        # its "buffer full" warning is routine here, not a problem
+        # faust's "buffer full" warning of its producer buffer (100 messages) is no
+        # problem: the state rows bypass it (`ConfirmedTable.write`), alerts need not
         logging.getLogger("faust.transport.producer").setLevel(logging.ERROR)
         app = worker_app(settings, catalog)
         worker = Worker(app, loglevel=loglevel, redirect_stdouts=False, quiet=True)
@@ -98,7 +98,7 @@ def email_agent(settings: Settings, catalog: dict[str, TrialRules], metrics: obj
         alert_from_payload,
     )
     from .publish import bootstrap
-    from .stream import TAIL_CHECK_SECONDS
+    from .stream import TAIL_CHECK_SECONDS, is_ready
 
     def add(app, alerts_topic) -> None:  # noqa: ANN001
         # no value_type: faust's JSON gives dicts back; value_type=dict would make it
@@ -145,7 +145,8 @@ def email_agent(settings: Settings, catalog: dict[str, TrialRules], metrics: obj
                         await send([record])
 
             async with busy:
-                await fill_tails(guard, app.consumer, servers, alerts_topic.get_topic_name(),
-                                 send_records)
+                if is_ready(app):  # not before the notification log is recovered
+                    await fill_tails(guard, app.consumer, servers,
+                                     alerts_topic.get_topic_name(), send_records)
 
     return add

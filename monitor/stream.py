@@ -346,7 +346,8 @@ def build_app(settings: Settings, catalog: dict[str, TrialRules],
         # sent once the tables of this assignment are recovered, before the streams
         # resume: the only moment the table is whole and no event is being processed
         pipeline.settled = True
-        await load_if_needed()
+        async with busy:  # one `Sink.confirm` at a time
+            await load_if_needed()
 
     if notifier is not None:
         notifier(app, alerts_out)

@@ -1,11 +1,14 @@
-"""`ConfirmedTable.confirm_rows` when the broker refuses a produce batch (a failure the
-tests cannot cause on a real broker without losing its memory storage)."""
+"""`ConfirmedTable` without a broker: what `write` puts in the store and queues, and
+what `confirm_rows` does when the broker refuses a produce batch (a failure the tests
+cannot cause on a real broker without losing its memory storage)."""
 
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaTimeoutError
 from aiokafka.structs import RecordMetadata
@@ -14,7 +17,7 @@ from monitor.runner import worker_app
 from monitor.settings import Settings
 
 
-def test_a_refused_batch_is_returned_to_send_again_and_no_offset_is_recorded_for_it(
+def test_a_refused_batch_and_the_later_ones_of_its_partition_go_again(
         tmp_path: Path) -> None:
     async def run() -> None:
         app = worker_app(Settings(broker="kafka://127.0.0.1:9", state_dir=tmp_path,
@@ -24,13 +27,39 @@ def test_a_refused_batch_is_returned_to_send_again_and_no_offset_is_recorded_for
         recorded: list[tuple[TopicPartition, int]] = []
         table.data.set_persisted_offset = lambda tp, offset: recorded.append((tp, offset))
         loop = asyncio.get_running_loop()
-        taken, refused = loop.create_future(), loop.create_future()
-        taken.set_result(RecordMetadata(topic, 0, TopicPartition(topic, 0), 40, -1, 0, 0))
+
+        def took(partition: int, offset: int) -> asyncio.Future:
+            future = loop.create_future()
+            future.set_result(RecordMetadata(topic, partition, TopicPartition(topic, partition),
+                                             offset, -1, 0, 0))
+            return future
+
+        refused = loop.create_future()
         refused.set_exception(KafkaTimeoutError())
-        rows_taken, rows_refused = [(b"a", b"1"), (b"b", b"2")], [(b"c", b"3")]
-        table.batches = [(taken, 0, rows_taken), (refused, 2, rows_refused)]
-        assert await table.confirm_rows() == [(2, rows_refused)]
-        assert recorded == [(TopicPartition(topic, 0), 41)]  # the batch's last offset
+        first, second = [(b"a", b"1"), (b"b", b"2")], [(b"c", b"3")]
+        not_taken, after_it = [(b"d", b"4")], [(b"e", b"5")]
+        table.batches = [(took(0, 40), 0, first), (refused, 2, not_taken),
+                         (took(2, 7), 2, after_it), (took(0, 42), 0, second)]
+        # the partition's later batch goes again too, after the refused one: the
+        # changelog keeps the order of the writes
+        assert await table.confirm_rows() == [(2, not_taken), (2, after_it)]
+        assert recorded == [(TopicPartition(topic, 0), 41), (TopicPartition(topic, 0), 42)]
         assert table.batches == []
 
     asyncio.run(run())
+
+
+class _Event:
+    def __init__(self, partition: int) -> None:
+        self.message = SimpleNamespace(topic="safety.events", partition=partition)
+
+
+@pytest.mark.parametrize("store", ["memory://", "rocksdb://"])
+def test_written_rows_are_in_the_store_and_queued_as_faust_encodes_them(
+        tmp_path: Path, store: str) -> None:
+    app = worker_app(Settings(broker="kafka://127.0.0.1:9", state_dir=tmp_path,
+                              store=store), {})
+    table = app.tables["state"]
+    table.write(_Event(3), [("t\x1fT1", b"{}"), ("s\x1fT1\x1fS1", b"[1]")])
+    assert table["s\x1fT1\x1fS1"] == b"[1]"  # read back through the store
+    assert table.queued == {3: [(b'"t\\u001fT1"', b"{}"), (b'"s\\u001fT1\\u001fS1"', b"[1]")]}

@@ -31,7 +31,7 @@ class Episode(msgspec.Struct, array_like=True):
     resolved_at: dt.datetime | None = None
 
 
-class LedgerEntry(msgspec.Struct):
+class LedgerEntry(msgspec.Struct, omit_defaults=True):
     """What the engine remembers of one rule's alerts, durably. Small, whatever the
     trial's size: episodes, and a digest of the evidence at the last decision, not the
     evidence. The evidence keys themselves are derived state (`TrialState.evidence`):
@@ -46,6 +46,7 @@ class LedgerEntry(msgspec.Struct):
     sequence: int = 0  # transitions so far in the open episode
     evidence_count: int = 0  # evidence keys at the last decision (none when ok)
     evidence_digest: str = ""  # `digest` of those keys
+    evidence: tuple[str, ...] | None = None  # read only: a ledger from before the digest
     @property
     def episode(self) -> int:
         return self.episodes[-1].number if self.episodes else 0
@@ -96,7 +97,12 @@ def digest(keys: tuple[str, ...]) -> str:
 
 def known_evidence(entry: LedgerEntry, keys: tuple[str, ...]) -> tuple[str, ...] | None:
     """After a load: the evidence keys the entry decided on, given the keys the rule's
-    tracker gives now; None when they are not those (the rules changed since)."""
+    tracker gives now; None when they are not those (the rules changed since). An
+    entry written before the digest holds the keys themselves: they become its digest."""
+    if entry.evidence is not None:
+        kept, entry.evidence = (entry.evidence if entry.breached else ()), None
+        entry.evidence_count, entry.evidence_digest = len(kept), digest(kept)
+        return kept
     if not entry.breached:
         return ()
     if len(keys) == entry.evidence_count and digest(keys) == entry.evidence_digest:

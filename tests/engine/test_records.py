@@ -6,6 +6,8 @@ from __future__ import annotations
 import datetime as dt
 import random
 
+import orjson
+
 from monitor.engine import records
 from monitor.engine.report import trial_report
 from monitor.engine.rules import parse_rules
@@ -133,3 +135,22 @@ def test_evidence_the_ledger_did_not_decide_on_is_reported_as_added() -> None:
     assert [(a.rule_id, a.transition, a.added, a.removed) for a in updates] == [
         ("grade3-events", "updated", ("S1/A", "S2/A", "S3/A"), ())]
     assert reconcile(loaded) == []
+
+
+def test_a_ledger_written_before_the_digest_loads_without_a_new_alert() -> None:
+    """Checkpoints written before the ledger kept a digest hold the evidence keys
+    themselves; they load as the evidence the ledger decided on (no spurious update)."""
+    trial = new_trial(TRIAL, RULES_ISC)
+    for subject in ("S1", "S2"):
+        step(trial, event(infusion(subject, "2021-01-01")))
+        step(trial, event(ae(subject, "A", "2021-02-01", grade=3, serious=True)))
+    key, value = records.trial_record(trial)
+    old = orjson.loads(value)
+    for entry in old["record"]["ledger"].values():  # as the earlier format wrote it
+        entry["evidence"] = list(trial.evidence[entry["rule_id"]] or ())
+        entry.pop("evidence_count", None), entry.pop("evidence_digest", None)
+    rows = [r for r in rows_of(trial) if not r[0].startswith("t")] + [(key, orjson.dumps(old))]
+    loaded = records.load_trial(TRIAL, RULES_ISC, rows)
+    assert loaded.evidence == trial.evidence
+    assert reconcile(loaded) == []
+    assert loaded.ledger == trial.ledger  # the keys became the digest
