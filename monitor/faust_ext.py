@@ -426,6 +426,12 @@ class ConfirmedTable(faust.Table):
         for partition, rows in refused:
             await self._send_batches(partition, rows)
 
+    def send_changelog(self, *args: Any, **kwargs: Any) -> Any:
+        # every write (set, delete) of the table made the faust way goes through here
+        future = super().send_changelog(*args, **kwargs)
+        self.unconfirmed.append((future, args, kwargs))
+        return future
+
     async def written(self) -> None:
         """Wait until the broker has every write made so far; raises if one failed."""
         while self.unconfirmed:

@@ -13,6 +13,7 @@ from aiokafka import TopicPartition
 from aiokafka.errors import KafkaTimeoutError
 from aiokafka.structs import RecordMetadata
 
+from monitor.faust_ext import Carrier, current_event
 from monitor.runner import worker_app
 from monitor.settings import Settings
 
@@ -49,9 +50,9 @@ def test_a_refused_batch_and_the_later_ones_of_its_partition_go_again(
     asyncio.run(run())
 
 
-class _Event:
-    def __init__(self, partition: int) -> None:
-        self.message = SimpleNamespace(topic="safety.events", partition=partition)
+def _event(partition: int) -> Carrier:
+    """What a table write needs of faust's event: its message's topic and partition."""
+    return Carrier(SimpleNamespace(topic="safety.events", partition=partition))
 
 
 @pytest.mark.parametrize("store", ["memory://", "rocksdb://"])
@@ -60,6 +61,23 @@ def test_written_rows_are_in_the_store_and_queued_as_faust_encodes_them(
     app = worker_app(Settings(broker="kafka://127.0.0.1:9", state_dir=tmp_path,
                               store=store), {})
     table = app.tables["state"]
-    table.write(_Event(3), [("t\x1fT1", b"{}"), ("s\x1fT1\x1fS1", b"[1]")])
+    table.write(_event(3), [("t\x1fT1", b"{}"), ("s\x1fT1\x1fS1", b"[1]")])
     assert table["s\x1fT1\x1fS1"] == b"[1]"  # read back through the store
     assert table.queued == {3: [(b'"t\\u001fT1"', b"{}"), (b'"s\\u001fT1\\u001fS1"', b"[1]")]}
+
+
+def test_a_write_made_the_faust_way_is_kept_to_be_confirmed(tmp_path: Path) -> None:
+    """The e-mail log writes one key at a time through faust (`table[key] = value`);
+    `written` can wait for those writes only if each one's future is kept."""
+    async def run() -> None:
+        app = worker_app(Settings(broker="kafka://127.0.0.1:9", state_dir=tmp_path,
+                                  store="memory://"), {})
+        table = app.tables["state"]
+        with current_event(_event(1)):
+            table["s\x1fT1\x1fS1"] = b"[1]"
+        assert len(table.unconfirmed) == 1
+        future, args, _kwargs = table.unconfirmed[0]
+        assert args[:3] == (1, "s\x1fT1\x1fS1", b"[1]")  # partition, key, value: to resend
+        future.cancel()
+
+    asyncio.run(run())

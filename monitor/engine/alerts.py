@@ -47,6 +47,7 @@ class LedgerEntry(msgspec.Struct, omit_defaults=True):
     evidence_count: int = 0  # evidence keys at the last decision (none when ok)
     evidence_digest: str = ""  # `digest` of those keys
     evidence: tuple[str, ...] | None = None  # read only: a ledger from before the digest
+
     @property
     def episode(self) -> int:
         return self.episodes[-1].number if self.episodes else 0
