@@ -13,6 +13,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.structs import OffsetAndMetadata
 
 from monitor.faust_ext import (
+    Carrier,
     OffsetGuard,
     RewindingConsumerThread,
     fetch_range,
@@ -133,11 +134,9 @@ async def test_a_hole_is_read_again_once_the_broker_answers(kafka_bootstrap_serv
     assert guard.check(tp, 5) is None  # and the guard goes on after the message
 
 
-class _Event:
-    """What a table write needs of faust's event: its message's partition."""
-
-    def __init__(self, partition: int) -> None:
-        self.message = SimpleNamespace(partition=partition)
+def _event(partition: int) -> Carrier:
+    """What a table write needs of faust's event: its message's topic and partition."""
+    return Carrier(SimpleNamespace(topic="safety.events", partition=partition))
 
 
 async def test_table_rows_go_out_as_produce_batches_in_order(kafka_broker: str,
@@ -155,8 +154,8 @@ async def test_table_rows_go_out_as_produce_batches_in_order(kafka_broker: str,
     rows = [(f"s\x1fT\x1f{n:03d}", b"x" * 100 + b"%d" % n) for n in range(200)]
     await app.producer.start()
     try:
-        table.write(_Event(1), rows[:120])
-        table.write(_Event(1), rows[120:])
+        table.write(_event(1), rows[:120])
+        table.write(_event(1), rows[120:])
         assert table[rows[5][0]] == rows[5][1]  # the local store has them already
         await table.send_rows()
         assert len(table.batches) > 3
