@@ -480,7 +480,7 @@ def fake_event(line: bytes, offset: int) -> SimpleNamespace:
 def written(pipeline, batch) -> Iterator[tuple[str, bytes]]:  # noqa: ANN001
     """The table rows a batch writes (checkpoints with journal, subject rows); the
     tansu-only marker rows are left out."""
-    for rows in pipeline.plan(batch, dt.datetime.now(dt.UTC)).rows.values():
+    for rows in pipeline.plan(batch, dt.datetime.now(dt.UTC), {}).rows.values():
         yield from rows
 
 

@@ -52,7 +52,8 @@ from faust.types import TP
 
 __all__ = ["Carrier", "ConfirmedTable", "OffsetGuard", "commit_offset", "current_event",
            "drop", "fetch_range", "fill_tails", "install_rewinding_consumer", "mark_acked",
-           "read_hole", "seek_to_committed", "sync", "undelivered"]
+           "read_hole", "read_since", "read_since_until_done", "seek_to_committed", "sync",
+           "undelivered"]
 
 Partition = tuple[str, int]  # (topic, partition)
 log = logging.getLogger(__name__)
@@ -198,6 +199,58 @@ async def read_hole(bootstrap: str, partition: Partition, hole: tuple[int, int])
         except (KafkaError, OSError, TimeoutError) as exc:
             log.warning("%s[%s]: could not read offsets %s to %s, trying again in %.0f s: %s",
                         topic, number, start, end - 1, delay, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+
+async def read_since(bootstrap: str, topic: str, starts: Mapping[int, int],
+                     pick: Callable[[Any], Any], timeout: float = 30.0
+                     ) -> tuple[set[Any], dict[int, int]]:
+    """``pick(record)`` of a topic's records from offset ``starts[p]`` of each
+    partition ``p`` (0: its beginning) to its end, None left out; and the ends the
+    broker gave when the reading began (each at most the true end). Read with a
+    consumer of no group; partitions not in ``starts`` are not read."""
+    tps = [TopicPartition(topic, partition) for partition in sorted(starts)]
+    if not tps:
+        return set(), {}
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                                auto_offset_reset="earliest")
+    try:
+        await consumer.start()
+        consumer.assign(tps)
+        ends = await consumer.end_offsets(tps)
+        firsts = await consumer.beginning_offsets(tps)
+        for tp in tps:
+            consumer.seek(tp, max(starts[tp.partition], firsts[tp]))
+        picked: set[Any] = set()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            # past the ends, until a fetch brings nothing more: tansu may give as a
+            # partition's end the first offset of its last produce batch + 1
+            batches = await consumer.getmany(*tps, timeout_ms=250)
+            for records in batches.values():
+                picked.update(pick(record) for record in records)
+            if not batches and all([await consumer.position(tp) >= ends[tp] for tp in tps]):
+                picked.discard(None)
+                return picked, {tp.partition: ends[tp] for tp in tps}
+            if loop.time() > deadline:
+                raise TimeoutError(f"{topic}: not readable to its end within {timeout:.0f} s")
+    finally:
+        await consumer.stop()
+
+
+async def read_since_until_done(bootstrap: str, topic: str, starts: Mapping[int, int],
+                                pick: Callable[[Any], Any]) -> tuple[set[Any], dict[int, int]]:
+    """`read_since`, tried again until the broker answers: the caller cannot go on
+    safely without it."""
+    delay = 1.0
+    while True:
+        try:
+            return await read_since(bootstrap, topic, starts, pick)
+        except (KafkaError, OSError, TimeoutError) as exc:
+            log.warning("%s: could not read it, trying again in %.0f s: %s",
+                        topic, delay, exc)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
 

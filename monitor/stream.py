@@ -7,10 +7,13 @@ and per changed record, not once per event (see `monitor.engine.records`).
 
 A batch is written in this order (`flush`): its alerts; once the broker has them, per
 trial its checkpoint (the ledger, and the batch's subject rows as a journal), then its
-subject rows. A crash before the checkpoint is durable loses nothing: the batch's
+subject rows, and last per partition the alerts topic's ends as they were before the
+batch's alerts. A crash before the checkpoint is durable loses nothing: the batch's
 events come again, and from the same state `step` decides the same alerts again (same
-keys; the e-mail ledger drops what it already sent). A crash after it leaves a table
-from which `Pipeline.load` rebuilds each trial exactly as the batch left it.
+keys). The alerts the dead worker sent are not sent twice: after a load, the worker
+reads the alerts topic from the ends the checkpoints recorded and leaves out every
+transition it finds there (`emitted_alerts`). A crash after the checkpoint leaves a
+table from which `Pipeline.load` rebuilds each trial exactly as the batch left it.
 
 Delivery is at least once; the engine makes it effectively once: a message redelivered
 after a crash (same event id, same partition and offset) changes nothing. faust can
@@ -51,6 +54,7 @@ from .faust_ext import (
     install_rewinding_consumer,
     mark_acked,
     read_hole,
+    read_since_until_done,
     sync,
 )
 from .notify import alert_payload
@@ -65,10 +69,25 @@ JOURNAL_ROWS = 300  # subject rows in one trial's checkpoint, at most (see Batch
 PRODUCE_BATCH_BYTES = 512 * 1024  # the table rows of one produce batch, at most
 TAIL_CHECK_SECONDS = 5.0  # how often to look for a message dropped at a partition's end
 MARKER = "~"  # tansu only: the key of the row that ends a batch's writes to a partition
+ENDS = f"{MARKER}alerts"  # the row of a partition's checkpoint: the alerts topic's ends
 
 
 def position(partition: int, offset: int) -> int:
     return (partition << OFFSET_BITS) | offset
+
+
+def alert_starts(recorded: dict[int, dict[int, int]], assigned: list[int],
+                 partitions: list[int]) -> dict[int, int]:
+    """Where to read the alerts topic from after a load, to see every alert a worker
+    sent and no checkpoint records (it died between the two): per alerts partition,
+    the lowest end recorded by the last checkpoint of an assigned events partition
+    (``recorded``: events partition -> alerts partition -> end), or 0 (its beginning)
+    where one recorded none. Nothing assigned, nothing to read."""
+    if not assigned:
+        return {}
+    return {alerts_partition: min(recorded.get(events_partition, {}).get(alerts_partition, 0)
+                                  for events_partition in assigned)
+            for alerts_partition in partitions}
 
 
 class Batch:
@@ -115,6 +134,11 @@ class Pipeline:
         # each trial's report and the day it is for, until an event of the trial comes:
         # a scrape of /metrics, /status and each alert message read it
         self.reports: dict[str, tuple[dt.date, dict]] = {}
+        # the alerts topic ends each partition's last checkpoint recorded (see `plan`),
+        # and the keys of the alert transitions sent since: not sent again
+        # (`emitted_alerts`)
+        self.recorded_ends: dict[int, dict[int, int]] = {}
+        self.emitted: set[str] = set()
 
     def handle(self, batch: Batch, event: Any) -> None:
         """Step one Kafka message; remember what to write, send and dead-letter."""
@@ -166,8 +190,12 @@ class Pipeline:
         self.reports[trial_id] = (day, report)
         return report
 
-    def plan(self, batch: Batch, now: dt.datetime) -> Writes:
-        """What to send and write for a batch, in the order of `Writes`."""
+    def plan(self, batch: Batch, now: dt.datetime, alert_ends: dict[int, int]) -> Writes:
+        """What to send and write for a batch, in the order of `Writes`. The alerts
+        the alerts topic has already are not sent again; each partition's rows end with
+        ``alert_ends``, the alerts topic's ends (or less) before this batch's alerts:
+        what a worker sends after this checkpoint comes after them."""
+        ends = orjson.dumps({str(partition): end for partition, end in alert_ends.items()})
         rows = {}
         for partition, by_trial in batch.touched.items():
             rows[partition] = written = []
@@ -179,17 +207,24 @@ class Pipeline:
                 subjects = list(subjects.items())
                 written.append(records.trial_record(trial, subjects))
                 written.extend(subjects)
-        return Writes([self.message(alert, now) for alert in batch.alerts], rows)
+            written.append((f"{ENDS}{records.SEP}{partition}", ends))
+        return Writes([self.message(alert, now) for alert in batch.alerts
+                       if alert.key not in self.emitted], rows)
 
     def load(self, rows: Iterator[tuple[str, bytes]]) -> list[tuple[bytes, bytes]]:
         """Replace the trials in memory with those in the table. Returns the alert
         messages to send: what `reconcile` finds the ledger has not recorded (after a
         change of the rules, say)."""
         by_trial: dict[str, list] = defaultdict(list)
+        recorded: dict[int, dict[int, int]] = {}
         for key, value in rows:
             if not key.startswith(MARKER):
                 by_trial[records.key_trial(key)].append((key, value))
+            elif key.startswith(ENDS + records.SEP):
+                recorded[int(key.rsplit(records.SEP, 1)[1])] = {
+                    int(partition): end for partition, end in orjson.loads(value).items()}
         self.trials.trials, self.unwritten, self.reports = {}, {}, {}
+        self.recorded_ends, self.emitted = recorded, set()
         messages: list[tuple[bytes, bytes]] = []
         now = dt.datetime.now(dt.UTC)
         for trial_id, rows_of_trial in by_trial.items():
@@ -204,6 +239,7 @@ class Pipeline:
 
     def forget(self) -> None:
         self.trials.trials, self.unwritten, self.reports = {}, {}, {}
+        self.recorded_ends, self.emitted = {}, set()
         self.settled = self.loaded = False
 
     def status(self, now: dt.datetime) -> dict:
@@ -304,7 +340,10 @@ def build_app(settings: Settings, catalog: dict[str, TrialRules],
 
     async def load_if_needed() -> None:
         if pipeline.settled and not pipeline.loaded:
-            await send_alerts(sink, alerts_out, pipeline.load(iter(table.items())))
+            messages = pipeline.load(iter(table.items()))
+            await emitted_alerts(app, pipeline, sink, servers, alerts_out.get_topic_name())
+            await send_alerts(sink, alerts_out, [
+                m for m in messages if transition_key(m[1]) not in pipeline.emitted])
 
     @app.agent(events)
     async def monitor(stream: Any) -> None:
@@ -355,6 +394,35 @@ def build_app(settings: Settings, catalog: dict[str, TrialRules],
 
     add_routes(app, pipeline, metrics)
     return app, pipeline
+
+
+async def emitted_alerts(app: Any, pipeline: Pipeline, sink: Sink, servers: str,
+                         alerts_topic: str) -> None:
+    """After a load: the ids of the alerts sent since the checkpoints loaded, into
+    ``pipeline.emitted``. A worker that died after sending a batch's alerts and before
+    its checkpoint was durable sent alerts the table does not know of; the batch's
+    events come again and decide them again, and these are not sent twice."""
+    settings = pipeline.settings
+    assigned = sorted(tp.partition for tp in app.consumer.assignment()
+                      if tp.topic == settings.events_topic)
+    starts = alert_starts(pipeline.recorded_ends, assigned, list(range(settings.partitions)))
+    keys, ends = await read_since_until_done(servers, alerts_topic, starts,
+                                             lambda record: transition_key(record.value))
+    pipeline.emitted = keys
+    sink.note(alerts_topic, ends)
+    if keys:
+        log.info("%d alert(s) already on %s are not sent again", len(keys), alerts_topic)
+
+
+def transition_key(value: bytes | None) -> str | None:
+    """The transition key of an alerts-topic message (`AlertTransition.key`), or None
+    for a message that is not one of ours."""
+    try:
+        doc = orjson.loads(value or b"")
+    except orjson.JSONDecodeError:
+        return None
+    key = doc.get("key") if isinstance(doc, dict) else None
+    return key if isinstance(key, str) else None
 
 
 async def step_all(events: list[Any], pipeline: Pipeline, sink: Sink, dead: Any,
@@ -412,6 +480,13 @@ class Sink:
     def __init__(self, table: ConfirmedTable) -> None:
         self.table = table
         self.unconfirmed: list[tuple[asyncio.Future, Callable[[], Awaitable[Any]]]] = []
+        self.ends: dict[str, dict[int, int]] = defaultdict(dict)  # see `note`
+
+    def note(self, topic: str, ends: dict[int, int]) -> None:
+        """Learn that the partitions of a topic end at ``ends`` or later."""
+        known = self.ends[topic]
+        for partition, end in ends.items():
+            known[partition] = max(known.get(partition, 0), end)
 
     def rows(self, event: Any, rows: list[tuple[str, bytes]]) -> None:
         """Write rows to the table, in the changelog partition of ``event``."""
@@ -433,8 +508,13 @@ class Sink:
         while self.unconfirmed or self.table.unconfirmed or self.table.batches:
             messages, self.unconfirmed = self.unconfirmed, []
             writes, self.table.unconfirmed = self.table.unconfirmed, []
-            failed_messages = [again for future, again in messages
-                               if not await delivered(future)]
+            failed_messages = []
+            for future, again in messages:
+                if await delivered(future):
+                    sent = future.result()  # the record's metadata
+                    self.note(sent.topic, {sent.partition: sent.offset + 1})
+                else:
+                    failed_messages.append(again)
             failed_writes = [(args, kwargs) for future, args, kwargs in writes
                              if not await delivered(future)]
             failed_rows = await self.table.confirm_rows()
@@ -462,7 +542,8 @@ async def flush(batch: Batch, pipeline: Pipeline, sink: Sink, dead: Any,
     """Write the batch (see the module's docstring for the order and why)."""
     # plan before the first await: a rebalance may replace the trials in memory while
     # this coroutine waits
-    writes = pipeline.plan(batch, dt.datetime.now(dt.UTC))
+    writes = pipeline.plan(batch, dt.datetime.now(dt.UTC),
+                           dict(sink.ends[alerts_out.get_topic_name()]))
     for key, value in batch.dead:
         await sink.send(dead, key, value)
     await send_alerts(sink, alerts_out, writes.alerts)

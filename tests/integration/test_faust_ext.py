@@ -18,6 +18,7 @@ from monitor.faust_ext import (
     RewindingConsumerThread,
     fetch_range,
     install_rewinding_consumer,
+    read_since,
     seek_to_committed,
     undelivered,
 )
@@ -106,6 +107,30 @@ async def test_fetch_range_reads_exactly_the_missing_offsets(kafka_bootstrap_ser
         await producer.stop()
     records = await fetch_range(kafka_bootstrap_servers, topic, 0, 3, 7)
     assert [(r.offset, r.value) for r in records] == [(n, b"%d" % n) for n in range(3, 7)]
+
+
+async def test_read_since_reads_each_partition_from_its_start_to_its_end(
+        kafka_bootstrap_servers: str) -> None:
+    """The alert transitions sent since a checkpoint: records of two partitions, the
+    last ones in one produce batch (where tansu may give an end short of the last
+    record); each partition read from its own start, to its real end."""
+    topic = f"r-{uuid.uuid4().hex[:8]}"
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap_servers, linger_ms=50)
+    await producer.start()
+    try:
+        for partition in (0, 1):
+            await producer.send_and_wait(topic, b"first-%d" % partition, partition=partition)
+            sent = [await producer.send(topic, b"v-%d-%d" % (partition, n), partition=partition)
+                    for n in range(6)]
+            await asyncio.gather(*sent)
+        await producer.send_and_wait(topic, b"other", partition=2)
+    finally:
+        await producer.stop()
+    picked, ends = await read_since(kafka_bootstrap_servers, topic, {0: 3, 1: 0},
+                                    lambda record: record.value if record.offset % 2 else None)
+    assert picked == {b"v-0-2", b"v-0-4", b"v-1-0", b"v-1-2", b"v-1-4"}
+    assert set(ends) == {0, 1} and all(1 <= end <= 7 for end in ends.values())
+    assert await read_since(kafka_bootstrap_servers, topic, {}, lambda r: r) == (set(), {})
 
 
 async def test_a_hole_is_read_again_once_the_broker_answers(kafka_bootstrap_servers: str,

@@ -6,6 +6,7 @@ Each test starts real `safety-monitor worker` processes and compares what they h
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import random
 import time
@@ -13,7 +14,9 @@ from pathlib import Path
 
 import orjson
 import pytest
+from aiokafka import AIOKafkaProducer
 
+from monitor.publish import ensure_topic
 from tests.integration.workers import (
     ROOT,
     Topics,
@@ -138,6 +141,41 @@ def test_crash_recovery(kafka_broker: str, topics: Topics, tmp_path: Path) -> No
         first.kill()
         if "second" in locals():
             second.stop()
+
+
+def test_alerts_a_dead_worker_sent_before_its_checkpoint_are_not_sent_again(
+        kafka_broker: str, topics: Topics, tmp_path: Path) -> None:
+    """The state a worker leaves when SIGKILL falls after a batch's alerts reached the
+    broker and before its checkpoint did: the alerts topic holds them, the table does
+    not know of them. The next worker steps the batch's events again and decides the
+    same transitions; it must send none of them twice."""
+    lines = awkward_log(trials=3, seed=14)
+    report, alerts = expected(lines)
+    already = alerts[: len(alerts) // 2]
+    assert already
+    asyncio.run(ensure_topic(kafka_broker, topics.alerts, 4))
+    asyncio.run(publish_alerts(kafka_broker, topics.alerts, already))
+    worker = Worker(kafka_broker, topics, tmp_path / "state").start()
+    try:
+        worker.wait_ready()
+        send(kafka_broker, topics.events, lines)
+        status = wait_for(lambda: settled([worker], events_in(lines)), 90, "all events")
+        assert comparable(status) == comparable(report)
+        keys = [a["key"] for a in alerts_on(kafka_broker, topics.alerts)]
+        assert sorted(keys) == sorted(a["key"] for a in alerts)  # each one once
+    finally:
+        worker.stop()
+
+
+async def publish_alerts(broker: str, topic: str, alerts: list[dict]) -> None:
+    """Alert messages as the worker sends them: key the alert id, value the alert."""
+    producer = AIOKafkaProducer(bootstrap_servers=broker.removeprefix("kafka://"))
+    await producer.start()
+    try:
+        for alert in alerts:
+            await producer.send_and_wait(topic, orjson.dumps(alert), key=alert["id"].encode())
+    finally:
+        await producer.stop()
 
 
 def test_scale_out_and_take_over(kafka_broker: str, topics: Topics, tmp_path: Path) -> None:
