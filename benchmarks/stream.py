@@ -478,8 +478,9 @@ def fake_event(line: bytes, offset: int) -> SimpleNamespace:
 
 
 def written(pipeline, batch) -> Iterator[tuple[str, bytes]]:  # noqa: ANN001
-    """The table rows a batch writes (checkpoints with journal, subject rows); the
-    tansu-only marker rows are left out."""
+    """The table rows a batch writes (checkpoints with journal, subject rows, and per
+    partition the alerts topic's ends, counted under "~"); the tansu-only marker rows
+    are left out."""
     for rows in pipeline.plan(batch, dt.datetime.now(dt.UTC), {}).rows.values():
         yield from rows
 
@@ -547,7 +548,8 @@ def minus(a: Tally, b: Tally) -> Tally:
 # ---------------------------------------------------------------------------- report
 
 
-KINDS = {"t": "trial record", "s": "subject headers", "a": "AE records", "l": "lab records"}
+KINDS = {"t": "trial record", "s": "subject headers", "a": "AE records", "l": "lab records",
+         "~": "alerts topic ends"}
 
 
 def per_event(tally: Tally, events: int) -> str:

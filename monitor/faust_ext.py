@@ -204,38 +204,43 @@ async def read_hole(bootstrap: str, partition: Partition, hole: tuple[int, int])
 
 
 async def read_since(bootstrap: str, topic: str, starts: Mapping[int, int],
-                     pick: Callable[[Any], Any], timeout: float = 30.0
+                     pick: Callable[[Any], Any], idle: float = 30.0
                      ) -> tuple[set[Any], dict[int, int]]:
-    """``pick(record)`` of a topic's records from offset ``starts[p]`` of each
-    partition ``p`` (0: its beginning) to its end, None left out; and the ends the
+    """``pick(record)`` of the records of every partition ``p`` of a topic from offset
+    ``starts.get(p, 0)`` (0: its beginning) to its end, None left out; and the ends the
     broker gave when the reading began (each at most the true end). Read with a
-    consumer of no group; partitions not in ``starts`` are not read."""
-    tps = [TopicPartition(topic, partition) for partition in sorted(starts)]
-    if not tps:
-        return set(), {}
+    consumer of no group; gives up (TimeoutError) after ``idle`` seconds without a
+    record while short of an end."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
                                 auto_offset_reset="earliest")
     try:
         await consumer.start()
+        # the topic's partitions as the broker has them (private: aiokafka's client)
+        partitions = (await consumer._client.fetch_all_metadata()).partitions_for_topic(topic)
+        tps = [TopicPartition(topic, partition) for partition in sorted(partitions or ())]
+        if not tps:
+            return set(), {}
         consumer.assign(tps)
         ends = await consumer.end_offsets(tps)
         firsts = await consumer.beginning_offsets(tps)
         for tp in tps:
-            consumer.seek(tp, max(starts[tp.partition], firsts[tp]))
+            consumer.seek(tp, max(starts.get(tp.partition, 0), firsts[tp]))
         picked: set[Any] = set()
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        deadline = loop.time() + idle
         while True:
             # past the ends, until a fetch brings nothing more: tansu may give as a
             # partition's end the first offset of its last produce batch + 1
             batches = await consumer.getmany(*tps, timeout_ms=250)
             for records in batches.values():
                 picked.update(pick(record) for record in records)
-            if not batches and all([await consumer.position(tp) >= ends[tp] for tp in tps]):
+            if batches:
+                deadline = loop.time() + idle
+            elif all([await consumer.position(tp) >= ends[tp] for tp in tps]):
                 picked.discard(None)
                 return picked, {tp.partition: ends[tp] for tp in tps}
-            if loop.time() > deadline:
-                raise TimeoutError(f"{topic}: not readable to its end within {timeout:.0f} s")
+            elif loop.time() > deadline:
+                raise TimeoutError(f"{topic}: no record for {idle:.0f} s short of its end")
     finally:
         await consumer.stop()
 

@@ -11,9 +11,12 @@ subject rows, and last per partition the alerts topic's ends as they were before
 batch's alerts. A crash before the checkpoint is durable loses nothing: the batch's
 events come again, and from the same state `step` decides the same alerts again (same
 keys). The alerts the dead worker sent are not sent twice: after a load, the worker
-reads the alerts topic from the ends the checkpoints recorded and leaves out every
-transition it finds there (`emitted_alerts`). A crash after the checkpoint leaves a
-table from which `Pipeline.load` rebuilds each trial exactly as the batch left it.
+reads the alerts topic from the ends the checkpoints recorded and leaves out each
+transition there that no loaded ledger records (`emitted_alerts`); until it is past
+the events the dead worker may have stepped, its checkpoints record where that read
+began, so a second crash reads it again (`Pipeline.plan`). A crash after the
+checkpoint leaves a table from which `Pipeline.load` rebuilds each trial exactly as
+the batch left it.
 
 Delivery is at least once; the engine makes it effectively once: a message redelivered
 after a crash (same event id, same partition and offset) changes nothing. faust can
@@ -39,7 +42,7 @@ from aiokafka.errors import KafkaError
 
 from .alert_email import trial_summary
 from .engine import records
-from .engine.alerts import AlertTransition
+from .engine.alerts import AlertTransition, recorded
 from .engine.events import Rejection, parse_event
 from .engine.report import trial_report
 from .engine.rules import TrialRules
@@ -76,18 +79,28 @@ def position(partition: int, offset: int) -> int:
     return (partition << OFFSET_BITS) | offset
 
 
-def alert_starts(recorded: dict[int, dict[int, int]], assigned: list[int],
-                 partitions: list[int]) -> dict[int, int]:
+def alert_starts(recorded: dict[int, dict[int, int]], assigned: list[int]
+                 ) -> dict[int, int] | None:
     """Where to read the alerts topic from after a load, to see every alert a worker
     sent and no checkpoint records (it died between the two): per alerts partition,
     the lowest end recorded by the last checkpoint of an assigned events partition
-    (``recorded``: events partition -> alerts partition -> end), or 0 (its beginning)
-    where one recorded none. Nothing assigned, nothing to read."""
+    (``recorded``: events partition -> alerts partition -> end), 0 (its beginning)
+    where one recorded none; a partition left out starts at 0 too. Nothing assigned:
+    None, nothing to read."""
     if not assigned:
-        return {}
-    return {alerts_partition: min(recorded.get(events_partition, {}).get(alerts_partition, 0)
-                                  for events_partition in assigned)
-            for alerts_partition in partitions}
+        return None
+    partitions = {p for q in assigned for p in recorded.get(q, {})}
+    return {p: min(recorded.get(q, {}).get(p, 0) for q in assigned) for p in sorted(partitions)}
+
+
+class Emitted(NamedTuple):
+    """An alert transition found on the alerts topic (`transition_of_message`)."""
+
+    key: str  # `AlertTransition.key`
+    trial_id: str
+    rule_id: str
+    episode: int
+    sequence: int
 
 
 class Batch:
@@ -95,6 +108,7 @@ class Batch:
 
     def __init__(self) -> None:
         self.last_event: dict[int, Any] = {}
+        self.last_offset: dict[int, int] = {}  # of the messages stepped, by partition
         self.touched: dict[int, dict[str, dict[str, set]]] = defaultdict(
             lambda: defaultdict(lambda: defaultdict(set)))
         self.rows: dict[str, int] = defaultdict(int)  # subject rows to write, by trial
@@ -134,17 +148,25 @@ class Pipeline:
         # each trial's report and the day it is for, until an event of the trial comes:
         # a scrape of /metrics, /status and each alert message read it
         self.reports: dict[str, tuple[dt.date, dict]] = {}
-        # the alerts topic ends each partition's last checkpoint recorded (see `plan`),
-        # and the keys of the alert transitions sent since: not sent again
-        # (`emitted_alerts`)
+        # what keeps an alert from going out twice (`plan`, `emitted_alerts`): the
+        # alerts topic ends each partition's last checkpoint recorded, where the last
+        # load read the alerts topic from, the transitions it found there that no ledger
+        # loaded records, the events partitions still to pass the end they had at the
+        # load, and the trials whose alerts the load sent (`reconcile`) until their
+        # checkpoint is written
         self.recorded_ends: dict[int, dict[int, int]] = {}
-        self.emitted: set[str] = set()
+        self.load_starts: dict[int, int] = {}
+        self.unsent: set[str] = set()
+        self.redo: dict[int, int] = {}
+        self.reconciled: set[str] = set()
+        self.generation = 0  # one more at each `forget`
 
     def handle(self, batch: Batch, event: Any) -> None:
         """Step one Kafka message; remember what to write, send and dead-letter."""
         message = event.message
         # the event whose partition the table writes go to: a faust event
         batch.last_event[message.partition] = event.carrier if type(event) is Refetched else event
+        batch.last_offset[message.partition] = message.offset
         parsed = parse_event(message.value)
         if type(parsed) is Rejection:
             batch.dead.append((message.key, dead_letter(message, parsed)))
@@ -191,11 +213,17 @@ class Pipeline:
         return report
 
     def plan(self, batch: Batch, now: dt.datetime, alert_ends: dict[int, int]) -> Writes:
-        """What to send and write for a batch, in the order of `Writes`. The alerts
-        the alerts topic has already are not sent again; each partition's rows end with
-        ``alert_ends``, the alerts topic's ends (or less) before this batch's alerts:
-        what a worker sends after this checkpoint comes after them."""
-        ends = orjson.dumps({str(partition): end for partition, end in alert_ends.items()})
+        """What to send and write for a batch, in the order of `Writes`.
+
+        Each partition's rows end with where a load must read the alerts topic from to
+        see every alert sent after this checkpoint: ``alert_ends``, the topic's ends (or
+        less) before this batch's alerts; or, while the alerts a dead worker sent may
+        still be decided again (the partition has not passed the end it had at the
+        load, or a trial reconciled at the load has no checkpoint yet), where the load
+        read from. The transitions the load found there (`unsent`) are not sent."""
+        pinned = bool(self.reconciled)
+        ends_now = orjson.dumps({str(partition): end for partition, end in alert_ends.items()})
+        ends_then = orjson.dumps({str(p): end for p, end in self.load_starts.items()})
         rows = {}
         for partition, by_trial in batch.touched.items():
             rows[partition] = written = []
@@ -207,24 +235,47 @@ class Pipeline:
                 subjects = list(subjects.items())
                 written.append(records.trial_record(trial, subjects))
                 written.extend(subjects)
+            redo = self.redo.get(partition)
+            ends = ends_then if pinned or redo is not None else ends_now
             written.append((f"{ENDS}{records.SEP}{partition}", ends))
-        return Writes([self.message(alert, now) for alert in batch.alerts
-                       if alert.key not in self.emitted], rows)
+            if redo is not None and batch.last_offset.get(partition, -1) >= redo - 1:
+                del self.redo[partition]  # from the next batch on, this one is written
+            self.reconciled.difference_update(by_trial)
+        messages = []
+        for alert in batch.alerts:
+            if alert.key in self.unsent:
+                self.unsent.discard(alert.key)
+            else:
+                messages.append(self.message(alert, now))
+        return Writes(messages, rows)
+
+    def found(self, emitted: set[Emitted], starts: dict[int, int],
+              ends: dict[int, int]) -> None:
+        """After `load`: the transitions on the alerts topic from ``starts`` on, and
+        the ends of the assigned events partitions at the load. What a loaded ledger
+        has not recorded was sent by a worker that died before its checkpoint (or by
+        another, for trials not here): the events come again, decide it again, and it
+        is not sent twice."""
+        self.load_starts, self.redo = dict(starts), dict(ends)
+        self.unsent = {e.key for e in emitted
+                       if e.trial_id not in self.trials.trials or not recorded(
+                           self.trials.trials[e.trial_id].ledger, e.rule_id, e.episode,
+                           e.sequence)}
 
     def load(self, rows: Iterator[tuple[str, bytes]]) -> list[tuple[bytes, bytes]]:
         """Replace the trials in memory with those in the table. Returns the alert
         messages to send: what `reconcile` finds the ledger has not recorded (after a
         change of the rules, say)."""
         by_trial: dict[str, list] = defaultdict(list)
-        recorded: dict[int, dict[int, int]] = {}
+        ends_rows: dict[int, dict[int, int]] = {}
         for key, value in rows:
             if not key.startswith(MARKER):
                 by_trial[records.key_trial(key)].append((key, value))
             elif key.startswith(ENDS + records.SEP):
-                recorded[int(key.rsplit(records.SEP, 1)[1])] = {
+                ends_rows[int(key.rsplit(records.SEP, 1)[1])] = {
                     int(partition): end for partition, end in orjson.loads(value).items()}
         self.trials.trials, self.unwritten, self.reports = {}, {}, {}
-        self.recorded_ends, self.emitted = recorded, set()
+        self.recorded_ends, self.unsent, self.redo, self.reconciled = ends_rows, set(), {}, set()
         messages: list[tuple[bytes, bytes]] = []
         now = dt.datetime.now(dt.UTC)
         for trial_id, rows_of_trial in by_trial.items():
@@ -233,13 +284,18 @@ class Pipeline:
             self.trials.trials[trial_id] = trial
             if journal:
                 self.unwritten[trial_id] = journal
-            messages.extend(self.message(alert, now) for alert in reconcile(trial))
+            reconciled = reconcile(trial)
+            if reconciled:
+                self.reconciled.add(trial_id)
+            messages.extend(self.message(alert, now) for alert in reconciled)
         self.loaded = True
         return messages
 
     def forget(self) -> None:
         self.trials.trials, self.unwritten, self.reports = {}, {}, {}
-        self.recorded_ends, self.emitted = {}, set()
+        self.recorded_ends, self.load_starts, self.unsent = {}, {}, set()
+        self.redo, self.reconciled = {}, set()
+        self.generation += 1
         self.settled = self.loaded = False
 
     def status(self, now: dt.datetime) -> dict:
@@ -341,9 +397,16 @@ def build_app(settings: Settings, catalog: dict[str, TrialRules],
     async def load_if_needed() -> None:
         if pipeline.settled and not pipeline.loaded:
             messages = pipeline.load(iter(table.items()))
-            await emitted_alerts(app, pipeline, sink, servers, alerts_out.get_topic_name())
+            generation = pipeline.generation
+            try:
+                await emitted_alerts(app, pipeline, sink, servers, alerts_out.get_topic_name())
+            except BaseException:
+                pipeline.loaded = False  # not safe to step events: load again
+                raise
+            if pipeline.generation != generation:
+                return  # the partitions were revoked meanwhile: the next settle loads
             await send_alerts(sink, alerts_out, [
-                m for m in messages if transition_key(m[1]) not in pipeline.emitted])
+                m for m in messages if emitted_of(m[1]).key not in pipeline.unsent])
 
     @app.agent(events)
     async def monitor(stream: Any) -> None:
@@ -398,31 +461,36 @@ def build_app(settings: Settings, catalog: dict[str, TrialRules],
 
 async def emitted_alerts(app: Any, pipeline: Pipeline, sink: Sink, servers: str,
                          alerts_topic: str) -> None:
-    """After a load: the ids of the alerts sent since the checkpoints loaded, into
-    ``pipeline.emitted``. A worker that died after sending a batch's alerts and before
+    """After a load: the alert transitions sent since the checkpoints loaded
+    (`Pipeline.found`). A worker that died after sending a batch's alerts and before
     its checkpoint was durable sent alerts the table does not know of; the batch's
     events come again and decide them again, and these are not sent twice."""
     settings = pipeline.settings
-    assigned = sorted(tp.partition for tp in app.consumer.assignment()
-                      if tp.topic == settings.events_topic)
-    starts = alert_starts(pipeline.recorded_ends, assigned, list(range(settings.partitions)))
-    keys, ends = await read_since_until_done(servers, alerts_topic, starts,
-                                             lambda record: transition_key(record.value))
-    pipeline.emitted = keys
+    assigned = sorted((tp for tp in app.consumer.assignment()
+                       if tp.topic == settings.events_topic), key=lambda tp: tp.partition)
+    starts = alert_starts(pipeline.recorded_ends, [tp.partition for tp in assigned])
+    if starts is None:
+        return
+    emitted, ends = await read_since_until_done(servers, alerts_topic, starts,
+                                                lambda record: emitted_of(record.value))
+    events_ends = await app.consumer.highwaters(*assigned)
+    pipeline.found(emitted, {p: starts.get(p, 0) for p in ends},
+                   {tp.partition: end for tp, end in events_ends.items()})
     sink.note(alerts_topic, ends)
-    if keys:
-        log.info("%d alert(s) already on %s are not sent again", len(keys), alerts_topic)
+    if pipeline.unsent:
+        log.info("%d alert transition(s) already on %s are not sent again",
+                 len(pipeline.unsent), alerts_topic)
 
 
-def transition_key(value: bytes | None) -> str | None:
-    """The transition key of an alerts-topic message (`AlertTransition.key`), or None
-    for a message that is not one of ours."""
+def emitted_of(value: bytes | None) -> Emitted | None:
+    """The alert transition an alerts-topic message carries, or None for a message
+    that is not one of ours."""
     try:
         doc = orjson.loads(value or b"")
-    except orjson.JSONDecodeError:
+        return Emitted(doc["key"], doc["trial_id"], doc["rule_id"], int(doc["episode"]),
+                       int(doc["sequence"]))
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
         return None
-    key = doc.get("key") if isinstance(doc, dict) else None
-    return key if isinstance(key, str) else None
 
 
 async def step_all(events: list[Any], pipeline: Pipeline, sink: Sink, dead: Any,
@@ -511,7 +579,9 @@ class Sink:
             failed_messages = []
             for future, again in messages:
                 if await delivered(future):
-                    sent = future.result()  # the record's metadata
+                    # the record's metadata (faust's topic.send gives the producer's
+                    # own future while stream_publish_on_commit is off, as here)
+                    sent = future.result()
                     self.note(sent.topic, {sent.partition: sent.offset + 1})
                 else:
                     failed_messages.append(again)

@@ -91,6 +91,14 @@ def alert_id(trial_id: str, rule_id: str, episode: int) -> str:
     return f"{trial_id}/{rule_id}/{episode}"
 
 
+def recorded(ledger: dict[str, LedgerEntry], rule_id: str, episode: int,
+             sequence: int) -> bool:
+    """Whether a ledger has made the transition (``rule_id``, ``episode``,
+    ``sequence``) already: its rule is at that transition or past it."""
+    entry = ledger.get(rule_id)
+    return entry is not None and (entry.episode, entry.sequence) >= (episode, sequence)
+
+
 def digest(keys: tuple[str, ...]) -> str:
     """A fixed-size fingerprint of evidence keys (what `LedgerEntry` keeps of them)."""
     return blake2b("\n".join(keys).encode(), digest_size=16).hexdigest() if keys else ""
