@@ -189,7 +189,12 @@ def toxicity_boundary(
     p0 that does not exceed ``alpha`` (clinfun ``toxbdry``'s ``hi.bdry``)."""
     _check_open_unit("p0", p0)
     _check_open_unit("alpha", alpha)
-    looks = checked_looks(looks)
+    return _toxicity_boundary(p0, alpha, checked_looks(looks), shape)
+
+
+@lru_cache(maxsize=256)  # each trial of a sponsor's template asks for the same one (~20 ms)
+def _toxicity_boundary(p0: float, alpha: float, looks: tuple[int, ...],
+                       shape: str | float) -> Boundary:
     levels = _levels_by_look(p0, looks, parse_shape(shape))
     candidates = _candidate_levels(levels)
 

@@ -27,6 +27,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import integrate, special
 
+from monitor.engine import stats
 from monitor.engine.stats import (
     Boundary,
     bayesian_boundary,
@@ -478,3 +479,14 @@ def test_stop_count_uses_the_latest_look(subjects, count, stop, crossed):
     boundary = Boundary((5, 10, 15), (3, None, 5))
     assert boundary.stop_count(subjects) == stop
     assert boundary.is_crossed(subjects, count) is crossed
+
+
+def test_a_toxicity_boundary_is_computed_once_per_design() -> None:
+    """Every trial of a sponsor's template asks for the same boundary: the second ask
+    is the first answer (a frozen value), whatever sequence type gives the looks."""
+    first = stats.toxicity_boundary(0.15, 0.1, [5, 10, 15, 20])
+    assert stats.toxicity_boundary(0.15, 0.1, (5, 10, 15, 20)) is first
+    computed = stats._toxicity_boundary.__wrapped__(0.15, 0.1, (5, 10, 15, 20), stats.POCOCK)
+    assert computed == first and computed is not first
+    with pytest.raises(ValueError):
+        stats.toxicity_boundary(1.5, 0.1, [5, 10])
