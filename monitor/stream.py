@@ -94,7 +94,7 @@ def alert_starts(recorded: dict[int, dict[int, int]], assigned: list[int]
 
 
 class Emitted(NamedTuple):
-    """An alert transition found on the alerts topic (`transition_of_message`)."""
+    """An alert transition found on the alerts topic (`emitted_of`)."""
 
     key: str  # `AlertTransition.key`
     trial_id: str
