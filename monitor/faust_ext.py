@@ -52,8 +52,8 @@ from faust.types import TP
 
 __all__ = ["Carrier", "ConfirmedTable", "OffsetGuard", "commit_offset", "current_event",
            "drop", "fetch_range", "fill_tails", "install_rewinding_consumer", "mark_acked",
-           "read_hole", "read_since", "read_since_until_done", "seek_to_committed", "sync",
-           "undelivered"]
+           "read_hole", "read_since", "seek_to_committed", "sync", "undelivered",
+           "until_read"]
 
 Partition = tuple[str, int]  # (topic, partition)
 log = logging.getLogger(__name__)
@@ -192,13 +192,19 @@ async def read_hole(bootstrap: str, partition: Partition, hole: tuple[int, int])
     (topic, number), (start, end) = partition, hole
     log.warning("%s[%s]: offsets %s to %s were not delivered by faust; reading them again",
                 topic, number, start, end - 1)
+    return await until_read(lambda: fetch_range(bootstrap, topic, number, start, end),
+                            f"{topic}[{number}] offsets {start} to {end - 1}")
+
+
+async def until_read(read: Callable[[], Awaitable[Any]], what: str) -> Any:
+    """``await read()``, tried again (after 1 s, doubling up to 30 s) until the broker
+    answers: for a reader that cannot go on safely without it."""
     delay = 1.0
     while True:
         try:
-            return await fetch_range(bootstrap, topic, number, start, end)
+            return await read()
         except (KafkaError, OSError, TimeoutError) as exc:
-            log.warning("%s[%s]: could not read offsets %s to %s, trying again in %.0f s: %s",
-                        topic, number, start, end - 1, delay, exc)
+            log.warning("could not read %s, trying again in %.0f s: %s", what, delay, exc)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
 
@@ -243,21 +249,6 @@ async def read_since(bootstrap: str, topic: str, starts: Mapping[int, int],
                 raise TimeoutError(f"{topic}: no record for {idle:.0f} s short of its end")
     finally:
         await consumer.stop()
-
-
-async def read_since_until_done(bootstrap: str, topic: str, starts: Mapping[int, int],
-                                pick: Callable[[Any], Any]) -> tuple[set[Any], dict[int, int]]:
-    """`read_since`, tried again until the broker answers: the caller cannot go on
-    safely without it."""
-    delay = 1.0
-    while True:
-        try:
-            return await read_since(bootstrap, topic, starts, pick)
-        except (KafkaError, OSError, TimeoutError) as exc:
-            log.warning("%s: could not read it, trying again in %.0f s: %s",
-                        topic, delay, exc)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 30.0)
 
 
 class Carrier:

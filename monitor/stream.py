@@ -57,8 +57,9 @@ from .faust_ext import (
     install_rewinding_consumer,
     mark_acked,
     read_hole,
-    read_since_until_done,
+    read_since,
     sync,
+    until_read,
 )
 from .notify import alert_payload
 from .publish import bootstrap
@@ -274,8 +275,8 @@ class Pipeline:
             elif key.startswith(ENDS + records.SEP):
                 ends_rows[int(key.rsplit(records.SEP, 1)[1])] = {
                     int(partition): end for partition, end in orjson.loads(value).items()}
-        self.trials.trials, self.unwritten, self.reports = {}, {}, {}
-        self.recorded_ends, self.unsent, self.redo, self.reconciled = ends_rows, set(), {}, set()
+        self._clear()
+        self.recorded_ends = ends_rows
         messages: list[tuple[bytes, bytes]] = []
         now = dt.datetime.now(dt.UTC)
         for trial_id, rows_of_trial in by_trial.items():
@@ -292,11 +293,15 @@ class Pipeline:
         return messages
 
     def forget(self) -> None:
+        self._clear()
+        self.generation += 1
+        self.settled = self.loaded = False
+
+    def _clear(self) -> None:
+        """Drop the trials in memory and all that was derived from the last load."""
         self.trials.trials, self.unwritten, self.reports = {}, {}, {}
         self.recorded_ends, self.load_starts, self.unsent = {}, {}, set()
         self.redo, self.reconciled = {}, set()
-        self.generation += 1
-        self.settled = self.loaded = False
 
     def status(self, now: dt.datetime) -> dict:
         """`Trials.report`: the ``trials`` part of the replay JSON, for the trials here."""
@@ -466,13 +471,13 @@ async def emitted_alerts(app: Any, pipeline: Pipeline, sink: Sink, servers: str,
     its checkpoint was durable sent alerts the table does not know of; the batch's
     events come again and decide them again, and these are not sent twice."""
     settings = pipeline.settings
-    assigned = sorted((tp for tp in app.consumer.assignment()
-                       if tp.topic == settings.events_topic), key=lambda tp: tp.partition)
+    assigned = [tp for tp in app.consumer.assignment() if tp.topic == settings.events_topic]
     starts = alert_starts(pipeline.recorded_ends, [tp.partition for tp in assigned])
     if starts is None:
         return
-    emitted, ends = await read_since_until_done(servers, alerts_topic, starts,
-                                                lambda record: emitted_of(record.value))
+    emitted, ends = await until_read(
+        lambda: read_since(servers, alerts_topic, starts, lambda r: emitted_of(r.value)),
+        f"{alerts_topic} for the alerts already sent")
     events_ends = await app.consumer.highwaters(*assigned)
     pipeline.found(emitted, {p: starts.get(p, 0) for p in ends},
                    {tp.partition: end for tp, end in events_ends.items()})
