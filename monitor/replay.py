@@ -112,16 +112,16 @@ def _replay_into(result: ReplayResult, lines: Iterable[tuple[int, bytes]],
     found, found_lines = result.alerts, result.alert_lines
     read = accepted = duplicates = after_as_of = 0  # locals: this loop runs for every line
     for number, raw in lines:
-        if raw.isspace() or not raw:
-            continue  # a blank line holds no message
-        read += 1
         try:
             event = decode_event(raw)  # parse_event's own first step, without its call
         except (msgspec.DecodeError, UnicodeDecodeError):
-            event = parse_event(raw)  # a Rejection that says what is wrong
-        if type(event) is Rejection:
-            result.rejected.append(rejection_json(number, raw, event))
-        elif as_of is not None and event.recorded_at > as_of:
+            if not raw or raw.isspace():
+                continue  # a blank line holds no message (and is no JSON)
+            read += 1
+            result.rejected.append(rejection_json(number, raw, parse_event(raw)))
+            continue  # parse_event decodes again, fails again, and says what is wrong
+        read += 1
+        if as_of is not None and event.recorded_at > as_of:
             after_as_of += 1
         else:
             trial = trials.get(event.trial_id)  # Trials.apply, inline

@@ -198,9 +198,12 @@ def rebuild(trial: TrialState) -> TrialState:
         trial.ledger.setdefault(rule.id, alerts.LedgerEntry(rule.id, rule.severity))
     trial.window = trial.rules.window.length if trial.rules else WindowLength()
     trial.trackers = {rule.id: rule.tracker() for rule in rules}
-    trial.ae_plan = tuple((r, r.match.in_window, r.match.grade_min or 1,
-                           r.match.checks_after_grade + r.extra_checks(), trial.trackers[r.id])
-                          for r in rules if r.watches_adverse_events)
+    # by lowest grade, so that `track_ae` can stop at the first rule above a new AE's
+    # grade (the order of rules that changed is the rules file's again in `evaluate`)
+    trial.ae_plan = tuple(sorted(
+        ((r, r.match.in_window, r.match.grade_min or 1,
+          r.match.checks_after_grade + r.extra_checks(), trial.trackers[r.id])
+         for r in rules if r.watches_adverse_events), key=lambda plan: plan[2]))
     trial.infusion_days, trial.counts = {}, Counts()
     for subject in trial.subjects.values():
         _count_subject(trial.counts, subject)

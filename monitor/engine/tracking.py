@@ -51,6 +51,8 @@ def track_ae(trial: TrialState, subject_id: str, ae: AdverseEvent,
     in_window = placement.period == IN_WINDOW
     dirty, ae_id, grade = [], ae.ae_id, ae.grade
     for rule, window_only, grade_min, checks, tracker in trial.ae_plan:
+        if first and grade < grade_min:
+            break  # the plan is by lowest grade: no rule left counts it, none counted it
         item = None
         if counts and grade >= grade_min and (in_window or not window_only):
             for check in checks:

@@ -203,3 +203,22 @@ def test_a_trial_without_rules_is_counted_with_a_warning() -> None:
     out = trials.report(AS_OF)["OTHER.1"]
     assert out["rules"] == {} and "no rules file" in out["warning"]
     assert out["primary_endpoint"]["ae"] == 1
+
+
+def test_a_rule_listed_after_a_stricter_one_still_counts_a_low_grade_ae() -> None:
+    """The engine looks at the rules by lowest grade and stops at the first above a new
+    AE's grade; the rules file's own order must not hide an AE from a later rule."""
+    rules = f"""
+trial_id: {TRIAL}
+planned_subjects: 20
+rules:
+  - {{id: severe, kind: count, severity: review, threshold: 1, match: {{grade_min: 4}}}}
+  - {{id: moderate, kind: count, severity: review, threshold: 1, match: {{grade_min: 2}}}}
+  - {{id: any, kind: count, severity: review, threshold: 1, match: {{}}}}
+"""
+    trials, alerts = run([infusion("S1", "2021-01-01"), ae("S1", "A", "2021-02-01", grade=1),
+                          ae("S1", "B", "2021-02-02", grade=2)], rules)
+    assert rule(trials, "any")["evidence"] == ["S1/A", "S1/B"]
+    assert rule(trials, "moderate")["evidence"] == ["S1/B"]
+    assert rule(trials, "severe")["state"] == "ok"
+    assert [a.rule_id for a in alerts] == ["any", "moderate", "any"]
