@@ -261,7 +261,12 @@ def bayesian_boundary(
     for name, value in (("prior_a", prior_a), ("prior_b", prior_b)):
         if not value > 0 or math.isinf(value):
             raise ValueError(f"{name} must be a positive number, got {value!r}")
-    looks = checked_looks(looks)
+    return _bayesian_boundary(rate, probability, prior_a, prior_b, checked_looks(looks))
+
+
+@lru_cache(maxsize=256)  # each trial of a sponsor's template asks for the same one (~4 ms)
+def _bayesian_boundary(rate: float, probability: float, prior_a: float, prior_b: float,
+                       looks: tuple[int, ...]) -> Boundary:
     stop_at = tuple(_bayesian_stop_at(rate, probability, prior_a, prior_b, m) for m in looks)
     return Boundary(looks, stop_at)
 

@@ -490,3 +490,12 @@ def test_a_toxicity_boundary_is_computed_once_per_design() -> None:
     assert computed == first and computed is not first
     with pytest.raises(ValueError):
         stats.toxicity_boundary(1.5, 0.1, [5, 10])
+
+
+def test_a_bayesian_boundary_is_computed_once_per_design() -> None:
+    first = stats.bayesian_boundary(0.3, 0.9, 1, 1, [5, 10, 15, 20])
+    assert stats.bayesian_boundary(0.3, 0.9, 1, 1, (5, 10, 15, 20)) is first
+    computed = stats._bayesian_boundary.__wrapped__(0.3, 0.9, 1, 1, (5, 10, 15, 20))
+    assert computed == first and computed is not first
+    with pytest.raises(ValueError, match="prior_a"):
+        stats.bayesian_boundary(0.3, 0.9, 0, 1, [5, 10])
