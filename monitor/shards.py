@@ -36,6 +36,7 @@ from .engine.trials import Trials
 from .replay import (
     LogUnreadable,
     ReplayResult,
+    collection_paused,
     open_log,
     read_chunks,
     read_lines,
@@ -82,13 +83,8 @@ def replay_log(path: str, catalog: dict[str, TrialRules], as_of: dt.datetime | N
             lines = read_lines(stream, path)
             return replay(progress(lines, raw, size) if progress else lines, catalog, as_of,
                           on_alert, trials)
-    collecting = gc.isenabled()
-    gc.disable()  # as in `replay`: taking the children's alerts in would scan our trials
-    try:
+    with collection_paused():  # taking the children's alerts in would scan our trials
         return _replay_sharded(path, catalog, as_of, jobs, progress)
-    finally:
-        if collecting:
-            gc.enable()
 
 
 def _replay_sharded(path: str, catalog: dict[str, TrialRules], as_of: dt.datetime | None,

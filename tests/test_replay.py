@@ -156,3 +156,28 @@ def test_a_corrupt_gzip_log_exits_1(capsys, tmp_path) -> None:
 def test_a_bad_rules_folder_exits_2(capsys) -> None:
     assert main(["replay", str(SAMPLE), "--rules", str(ROOT / "tests" / "rules_bad")]) == 2
     assert "rules error" in capsys.readouterr().err
+
+
+def test_replay_and_its_report_run_without_cyclic_collection_and_restore_it() -> None:
+    """Neither makes reference cycles; a collection would scan the whole replay's state
+    (about half a large report's time). The caller's setting comes back afterwards."""
+    import gc
+
+    from monitor.replay import replay
+    from monitor.rules_loader import load_rules_dir
+
+    during = []
+    result = replay(SAMPLE.read_bytes().splitlines(), load_rules_dir(RULES),
+                    on_alert=lambda alert: during.append(gc.isenabled()))
+    assert during and not any(during) and gc.isenabled()
+    build = result.trials.report
+    result.trials.report = lambda as_of: (during.append(gc.isenabled()), build(as_of))[1]
+    report = result.to_json()
+    assert during[-1] is False and gc.isenabled()
+    assert report["trials"]["ISC.19.29"]["primary_endpoint"]["ae"] > 0
+    gc.disable()
+    try:
+        result.to_json()
+        assert not gc.isenabled()  # a caller that had it off keeps it off
+    finally:
+        gc.enable()
