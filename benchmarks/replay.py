@@ -44,13 +44,15 @@ def bare(path: str) -> dict:
 
 
 def replayed(path: str, rules: str, jobs: int | None) -> dict:
+    from monitor.replay import replaying_once
     from monitor.rules_loader import load_rules_dir
     from monitor.shards import default_jobs, replay_log
 
     catalog = load_rules_dir(Path(rules))
     jobs = default_jobs(path) if jobs is None else jobs
     start = time.perf_counter()
-    result = replay_log(path, catalog, jobs=jobs)  # what `safety-monitor replay` runs
+    with replaying_once():  # what `safety-monitor replay` runs
+        result = replay_log(path, catalog, jobs=jobs)
     seconds = time.perf_counter() - start
     report_start = time.perf_counter()
     result.to_json()

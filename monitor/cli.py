@@ -13,7 +13,7 @@ from rich.console import Console
 
 from .cli_email import add_email_command, add_send_email_options, replay_outbox
 from .engine.rules import RulesError
-from .replay import LogUnreadable, open_log, parse_as_of, read_lines
+from .replay import LogUnreadable, open_log, parse_as_of, read_lines, replaying_once
 from .rules_loader import load_rules_dir, rule_files
 from .settings import Settings
 from .shards import replay_log
@@ -206,8 +206,9 @@ def _replay_and_report(args: argparse.Namespace, exporter) -> int:  # noqa: ANN0
     outbox = replay_outbox(args, catalog)  # None unless --send-email
     # the metrics exporter reads every trial's state: one process holds them all
     jobs = 1 if exporter.port is not None else args.jobs
-    result = replay_log(args.log, catalog, as_of, jobs, _progress,
-                        on_alert=outbox and outbox.add, trials=outbox and outbox.trials)
+    with replaying_once():
+        result = replay_log(args.log, catalog, as_of, jobs, _progress,
+                            on_alert=outbox and outbox.add, trials=outbox and outbox.trials)
     try:
         exporter.record(result, catalog)
         report = result.to_json()

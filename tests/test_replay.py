@@ -181,3 +181,23 @@ def test_replay_and_its_report_run_without_cyclic_collection_and_restore_it() ->
         assert not gc.isenabled()  # a caller that had it off keeps it off
     finally:
         gc.enable()
+
+
+def test_replaying_once_freezes_the_replay_state_instead_of_scanning_it() -> None:
+    """`safety-monitor replay` (and the benchmark) leave the replay's objects to
+    reference counting: frozen, no collection walks them afterwards."""
+    import gc
+
+    from monitor.replay import replay, replaying_once
+    from monitor.rules_loader import load_rules_dir
+
+    catalog, lines = load_rules_dir(RULES), SAMPLE.read_bytes().splitlines()
+    try:
+        with replaying_once():
+            assert not gc.isenabled()
+            result = replay(lines, catalog)
+        assert gc.isenabled()
+        assert gc.get_freeze_count() > 10_000  # the replay's objects, and what came before
+        assert result.to_json()["events"]["accepted"] > 0
+    finally:
+        gc.unfreeze()
