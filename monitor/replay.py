@@ -112,14 +112,11 @@ def replaying_once() -> Iterator[None]:
     rather than scanned. The first collection after a pause would otherwise walk every
     object the replay made (about 0.3 s for 500,000 events) and free nothing: the
     engine makes no cycles, and reference counting still frees what it drops."""
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.freeze()
-        if collecting:
-            gc.enable()
+    with collection_paused():
+        try:
+            yield
+        finally:
+            gc.freeze()  # before collection resumes
 
 
 @contextmanager
