@@ -59,21 +59,18 @@ class ReplayResult:
                                                                           tzinfo=dt.UTC)
 
     def to_json(self) -> dict:
-        with collection_paused():
-            return self._report()
-
-    def _report(self) -> dict:
         as_of = self.effective_as_of
-        return {
-            "as_of": as_of.isoformat(),
-            "events": {"read": self.read, "accepted": self.accepted,
-                       "duplicates": self.duplicates, "rejected": len(self.rejected),
-                       "after_as_of": self.after_as_of},
-            "trials": self.trials.report(as_of),
-            "alerts": [alert_json(a, line) for a, line in zip(self.alerts, self.alert_lines,
-                                                               strict=True)],
-            "rejected": self.rejected,
-        }
+        with collection_paused():
+            return {
+                "as_of": as_of.isoformat(),
+                "events": {"read": self.read, "accepted": self.accepted,
+                           "duplicates": self.duplicates, "rejected": len(self.rejected),
+                           "after_as_of": self.after_as_of},
+                "trials": self.trials.report(as_of),
+                "alerts": [alert_json(a, line)
+                           for a, line in zip(self.alerts, self.alert_lines, strict=True)],
+                "rejected": self.rejected,
+            }
 
 
 def alert_json(alert: AlertTransition, line: int | None = None) -> dict:
