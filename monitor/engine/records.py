@@ -4,7 +4,7 @@ Keys (``\\x1f`` separates parts, which no id contains in practice)::
 
     t|TRIAL                     Checkpoint    (alert ledger, journal)
     s|TRIAL|SUBJECT             SubjectHeader (infusions, statuses, reports, counts)
-    a|TRIAL|SUBJECT|AE_ID       AeHistory     (the versions of one AE)
+    a|TRIAL|SUBJECT|AE_ID       AeHistory     (the messages of one AE)
     l|TRIAL|SUBJECT|TEST        LabSeries     (one lab test's results)
 
 Values are JSON (msgspec), which keeps each date-time's offset as written. What one
@@ -24,12 +24,14 @@ from typing import NamedTuple
 
 import msgspec
 
+from .events import AdverseEvent
 from .rules import TrialRules
 from .state import (
     AE,
     LAB,
     AeHistory,
     LabSeries,
+    Seen,
     Subject,
     SubjectHeader,
     TrialRecord,
@@ -48,9 +50,26 @@ class Checkpoint(msgspec.Struct, omit_defaults=True):
     journal: dict[str, msgspec.Raw] = {}  # subject row key -> its value
 
 
+class AeHistoryObject(msgspec.Struct):
+    """An AE row as builds before 2026-12-03 wrote it: a JSON object with the winning
+    message of each version number and the ids taken. Read, never written."""
+
+    versions: dict[int, AdverseEvent] = {}
+    seen: Seen = msgspec.field(default_factory=Seen)
+    conflicts: int = 0
+
+    def upgrade(self) -> AeHistory:
+        messages = tuple(ae for _, ae in sorted(self.versions.items()))
+        kept = {ae.event_id for ae in messages}
+        lost = {event_id: at for event_id, at in self.seen.first.items() if event_id not in kept}
+        return AeHistory(messages, tuple(self.seen.first.get(ae.event_id) for ae in messages),
+                         self.seen.again, lost or None)
+
+
 _encode = msgspec.json.Encoder().encode
 _DECODERS = {TRIAL: msgspec.json.Decoder(Checkpoint), HEADER: msgspec.json.Decoder(SubjectHeader),
              AE_KEY: msgspec.json.Decoder(AeHistory), LAB_KEY: msgspec.json.Decoder(LabSeries)}
+_decode_ae_object = msgspec.json.Decoder(AeHistoryObject).decode
 
 
 def trial_key(trial_id: str) -> str:
@@ -121,7 +140,10 @@ def _build(trial_id: str, rules: TrialRules | None, record: TrialRecord | None,
     subjects: dict[str, Subject] = {}
     for key, value in rows:
         kind, *parts = key.split(SEP)
-        decoded = _DECODERS[kind].decode(value)
+        if kind == AE_KEY and value.lstrip()[:1] == b"{":  # an AE row of an earlier build
+            decoded = _decode_ae_object(value).upgrade()
+        else:
+            decoded = _DECODERS[kind].decode(value)
         subject = subjects.get(parts[1])
         if subject is None:
             subject = subjects[parts[1]] = Subject(parts[1])

@@ -4,7 +4,7 @@ The durable part of a trial's state is plain values, split into records so that 
 one event changes does not grow with the trial's history:
 
 * per subject, a `SubjectHeader` (infusions, statuses, regulatory reports, event counts),
-  one `AeHistory` per AE (the winning message of each version) and one `LabSeries` per
+  one `AeHistory` per AE (the messages of its versions) and one `LabSeries` per
   lab test;
 * per trial, a `TrialRecord`: the alert ledger, one entry per rule.
 
@@ -23,6 +23,7 @@ later ``recorded_at``, then the greater ``event_id``.
 from __future__ import annotations
 
 import datetime as dt
+from bisect import bisect_left
 from dataclasses import dataclass, field
 from functools import partial
 from sys import intern
@@ -65,17 +66,73 @@ class Seen(msgspec.Struct, gc=False):
         return len(self.first), sum(len(copies) for copies in (self.again or {}).values())
 
 
-class AeHistory(msgspec.Struct, gc=False):
-    """One AE: the winning message of each version number, the messages taken, and how
-    many lost a tie on their version (conflicts)."""
+class AeHistory(msgspec.Struct, array_like=True, gc=False):
+    """One AE: the winning message of each version number, with its stream position
+    (None in replay); the ids and positions of messages that lost a tie on their version
+    (made on the first); and the positions of later copies of a taken id (the
+    duplicates; made on the first). Of two messages with one version, the later
+    ``recorded_at`` wins, then the greater ``event_id``; the current version is the
+    highest.
 
-    versions: dict[int, AdverseEvent] = {}
-    seen: Seen = msgspec.field(default_factory=Seen)
-    conflicts: int = 0
+    Tuples, not dicts: an AE has one message or a few, and a trial keeps many AEs. Stored
+    as a JSON array ``[messages, positions, again, lost]``."""
+
+    messages: tuple[AdverseEvent, ...] = ()  # by version number
+    positions: tuple[int | None, ...] = ()
+    again: dict[str, list[int | None]] | None = None
+    lost: dict[str, int | None] | None = None
 
     @property
     def current(self) -> AdverseEvent:
-        return self.versions[max(self.versions)]
+        return self.messages[-1]
+
+    @property
+    def conflicts(self) -> int:
+        """How many messages lost a tie on their version number."""
+        return len(self.lost) if self.lost else 0
+
+    def position_of(self, event_id: str) -> int | None | _NotTaken:
+        """The position of the message taken with this id, or `_NOT_TAKEN`."""
+        for index, ae in enumerate(self.messages):
+            if ae.event_id == event_id:
+                return self.positions[index]
+        return self.lost.get(event_id, _NOT_TAKEN) if self.lost else _NOT_TAKEN
+
+    def take(self, ae: AdverseEvent, position: int | None) -> None:
+        """Keep a message not taken before: the winner of its version number."""
+        if not self.messages:  # the usual case: the AE's first message
+            self.messages = (ae,)
+            self.positions = _NO_POSITION if position is None else (position,)
+            return
+        messages, positions = list(self.messages), list(self.positions)
+        at = bisect_left([rival.version for rival in messages], ae.version)
+        if at < len(messages) and messages[at].version == ae.version:  # a tie
+            rival = messages[at]
+            if (ae.recorded_at, ae.event_id) > (rival.recorded_at, rival.event_id):
+                loser, loser_at = rival.event_id, positions[at]
+                messages[at], positions[at] = ae, position
+            else:
+                loser, loser_at = ae.event_id, position
+            if self.lost is None:
+                self.lost = {}
+            self.lost[loser] = loser_at
+        else:
+            messages.insert(at, ae)
+            positions.insert(at, position)
+        self.messages, self.positions = tuple(messages), tuple(positions)
+
+    def count(self) -> tuple[int, int]:
+        """(accepted, duplicates)."""
+        return (len(self.messages) + self.conflicts,
+                sum(len(copies) for copies in (self.again or {}).values()))
+
+
+class _NotTaken:
+    __slots__ = ()
+
+
+_NOT_TAKEN = _NotTaken()
+_NO_POSITION = (None,)  # the positions of an AE's first message in replay, shared
 
 
 class Lab(msgspec.Struct, array_like=True, frozen=True, gc=False):
@@ -226,7 +283,7 @@ def rebuild(trial: TrialState) -> TrialState:
 def _count_subject(counts: Counts, subject: Subject) -> None:
     header = subject.header
     records = [*((tag, seen) for tag, seen in header.seen.items()),
-               *(("adverse_event", h.seen) for h in subject.aes.values()),
+               *(("adverse_event", history) for history in subject.aes.values()),
                *(("lab_result", series.seen) for series in subject.labs.values())]
     for tag, seen in records:
         accepted, duplicates = seen.count()
@@ -250,24 +307,31 @@ def step(trial: TrialState, event: Event,
         subject = trial.subjects[event.subject_id] = Subject(event.subject_id)
     kind = type(event)
     tag, apply = _KINDS[kind]
-    # the record that takes the message (its own Seen), and its key for the caller
-    if kind is LabResult:
-        held = subject.labs.get(event.test)
-        if held is None:
-            held = subject.labs[event.test] = LabSeries()
-        seen, record = held.seen, (LAB, event.test)
-    elif kind is AdverseEvent:
+    event_id = event.event_id
+    # the record that takes the message, and its key for the caller
+    if kind is AdverseEvent:
         held = subject.aes.get(event.ae_id)
+        record = (AE, event.ae_id)
         if held is None:
             held = subject.aes[event.ae_id] = AeHistory()
-        seen, record = held.seen, (AE, event.ae_id)
+        else:
+            taken = held.position_of(event_id)
+            if taken is not _NOT_TAKEN:
+                return trial, _changes((_repeat(trial, held, taken, event, position, tag),
+                                        record, ()))
     else:
-        held = subject.header
-        seen, record = held.seen[tag], None
-    event_id = event.event_id
-    if event_id in seen.first:
-        return trial, _changes((_repeat(trial, seen, event, position, tag), record, ()))
-    seen.first[event_id] = position
+        if kind is LabResult:
+            held = subject.labs.get(event.test)
+            if held is None:
+                held = subject.labs[event.test] = LabSeries()
+            seen, record = held.seen, (LAB, event.test)
+        else:
+            held = subject.header
+            seen, record = held.seen[tag], None
+        if event_id in seen.first:
+            return trial, _changes((_repeat(trial, seen, seen.first[event_id], event,
+                                            position, tag), record, ()))
+        seen.first[event_id] = position
     # counting (inline: every event passes here)
     counts, header, recorded_at = trial.counts, subject.header, event.recorded_at
     counts.accepted[tag] += 1
@@ -275,7 +339,7 @@ def step(trial: TrialState, event: Event,
         header.last_recorded_at, header.last_event_id = recorded_at, event_id
         if counts.last_recorded_at is None or recorded_at > counts.last_recorded_at:
             counts.last_recorded_at, counts.last_event_id = recorded_at, event_id
-    dirty = apply(trial, subject, held, event)
+    dirty = apply(trial, subject, held, event, position)
     if not dirty:
         return trial, _ACCEPTED_HEADER if record is None else _changes((ACCEPTED, record, ()))
     return trial, _changes((ACCEPTED, record, tuple(tracking.evaluate(trial, dirty, event))))
@@ -287,17 +351,18 @@ _changes = partial(tuple.__new__, Changes)
 _ACCEPTED_HEADER = Changes(ACCEPTED)
 
 
-def _repeat(trial: TrialState, seen: Seen, event: Event, position: int | None,
-            tag: str) -> str:
-    """A message whose id the record took before: a redelivery of a message at a
-    position already taken, else a duplicate (counted, and its position kept)."""
-    copies = seen.again.get(event.event_id) if seen.again is not None else None
-    if position is not None and (seen.first[event.event_id] == position or
+def _repeat(trial: TrialState, holder: Seen | AeHistory, taken: int | None, event: Event,
+            position: int | None, tag: str) -> str:
+    """A message whose id the record took before (at position ``taken``): a redelivery
+    of a message at a position already taken, else a duplicate (counted, and its
+    position kept in the holder's ``again``)."""
+    copies = holder.again.get(event.event_id) if holder.again is not None else None
+    if position is not None and (taken == position or
                                  (copies is not None and position in copies)):
         return REDELIVERED
-    if seen.again is None:
-        seen.again = {}
-    seen.again.setdefault(event.event_id, []).append(position)
+    if holder.again is None:
+        holder.again = {}
+    holder.again.setdefault(event.event_id, []).append(position)
     trial.counts.duplicates[tag] += 1
     return DUPLICATE
 
@@ -305,7 +370,7 @@ def _repeat(trial: TrialState, seen: Seen, event: Event, position: int | None,
 # --- applying each kind of message ---------------------------------------------------
 
 def _apply_ae(trial: TrialState, subject: Subject, history: AeHistory,
-              ae: AdverseEvent) -> list[Rule]:
+              ae: AdverseEvent, position: int | None) -> list[Rule]:
     # kept AEs share one copy of the strings that repeat (memory, not meaning)
     ae.trial_id, ae.subject_id = trial.trial_id, subject.subject_id
     ae.term, ae.onset = intern(ae.term), intern(ae.onset)
@@ -313,27 +378,18 @@ def _apply_ae(trial: TrialState, subject: Subject, history: AeHistory,
         ae.meddra_pt = intern(ae.meddra_pt)
     if ae.meddra_soc is not None:
         ae.meddra_soc = intern(ae.meddra_soc)
-    versions = history.versions
-    if not versions:  # the usual case: the AE's first message
-        versions[ae.version] = ae
+    if not history.messages:  # the usual case: the AE's first message
+        history.take(ae, position)
         return tracking.track_ae(trial, subject.subject_id, ae, first=True)
-    before = versions[max(versions)]
-    rival = versions.get(ae.version)
-    if rival is None or _wins(ae, rival):
-        versions[ae.version] = ae
-    history.conflicts += rival is not None
-    current = versions[max(versions)]
-    if current is before:
+    before = history.current  # the highest version wins
+    history.take(ae, position)
+    if history.current is before:
         return []
-    return tracking.track_ae(trial, subject.subject_id, current)
-
-
-def _wins(ae: AdverseEvent, rival: AdverseEvent) -> bool:
-    return (ae.recorded_at, ae.event_id) > (rival.recorded_at, rival.event_id)
+    return tracking.track_ae(trial, subject.subject_id, history.current)
 
 
 def _apply_infusion(trial: TrialState, subject: Subject, header: SubjectHeader,
-                    infusion: Infusion) -> list[Rule]:
+                    infusion: Infusion, _position: int | None) -> list[Rule]:
     newly_infused = not header.infusions
     header.infusions.append(infusion)
     tracking.cache_infusions(trial, subject)
@@ -346,13 +402,13 @@ def _apply_infusion(trial: TrialState, subject: Subject, header: SubjectHeader,
 
 
 def _apply_status(trial: TrialState, subject: Subject, header: SubjectHeader,
-                  status: SubjectStatus) -> list[Rule]:
+                  status: SubjectStatus, _position: int | None) -> list[Rule]:
     header.statuses.append(status)
     return []
 
 
 def _apply_report(trial: TrialState, subject: Subject, header: SubjectHeader,
-                  report: RegulatoryReport) -> list[Rule]:
+                  report: RegulatoryReport, _position: int | None) -> list[Rule]:
     known = header.reports.get(report.ae_id)
     if known is None or report.submitted_at < known.submitted_at:
         header.reports[report.ae_id] = report
@@ -360,7 +416,7 @@ def _apply_report(trial: TrialState, subject: Subject, header: SubjectHeader,
 
 
 def _apply_lab(trial: TrialState, subject: Subject, series: LabSeries,
-               lab: LabResult) -> list[Rule]:
+               lab: LabResult, _position: int | None) -> list[Rule]:
     series.results.append(Lab(intern(lab.test), lab.value, intern(lab.unit), lab.collected_on,
                               lab.uln, lab.lln, lab.dialysis))
     return []

@@ -154,3 +154,33 @@ def test_a_ledger_written_before_the_digest_loads_without_a_new_alert() -> None:
     assert loaded.evidence == trial.evidence
     assert reconcile(loaded) == []
     assert loaded.ledger == trial.ledger  # the keys became the digest
+
+
+def test_an_ae_row_written_as_an_object_loads_as_the_same_ae() -> None:
+    """AE rows written before 2026-12-03 are JSON objects: the winning message of each
+    version, and the ids taken. They load as the same AE, the message that lost a tie
+    included (its id and position): redelivered, none of them changes anything."""
+    trial = new_trial(TRIAL, RULES_ISC)
+    step(trial, event(infusion("S1", "2021-01-01")), position=0)
+    first = ae("S1", "A", "2021-02-01", grade=3, serious=True)
+    won = ae("S1", "A", "2021-02-01", version=2, grade=4, serious=True,
+             recorded_at="2021-02-03T09:00:00+00:00")
+    lost = ae("S1", "A", "2021-02-01", version=2, grade=2, serious=True,
+              recorded_at="2021-02-02T09:00:00+00:00")
+    for position, message in enumerate((first, won, lost), start=1):
+        assert step(trial, event(message), position=position)[1].outcome == ACCEPTED
+    assert step(trial, event(first), position=9)[1].outcome == DUPLICATE
+    history = trial.subjects["S1"].aes["A"]
+    assert (history.current.grade, history.conflicts) == (4, 1)
+    old = {"versions": {"1": first, "2": won}, "conflicts": 1,
+           "seen": {"first": {first["event_id"]: 1, won["event_id"]: 2, lost["event_id"]: 3},
+                    "again": {first["event_id"]: [9]}}}
+    rows = [(key, orjson.dumps(old) if key.startswith("a") else value)
+            for key, value in rows_of(trial)]
+    loaded = records.load_trial(TRIAL, RULES_ISC, rows)
+    assert loaded.subjects["S1"].aes["A"] == history
+    assert trial_report(loaded, AS_OF) == trial_report(trial, AS_OF)
+    assert reconcile(loaded) == []
+    for position, message in ((1, first), (2, won), (3, lost), (9, first)):
+        assert step(loaded, event(message), position=position)[1].outcome == REDELIVERED
+    assert trial_report(loaded, AS_OF) == trial_report(trial, AS_OF)
