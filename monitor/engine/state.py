@@ -23,11 +23,12 @@ later ``recorded_at``, then the greater ``event_id``.
 from __future__ import annotations
 
 import datetime as dt
+import enum
 from bisect import bisect_left
 from dataclasses import dataclass, field
 from functools import partial
 from sys import intern
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import msgspec
 
@@ -56,7 +57,8 @@ def _zero_by_type() -> dict[str, int]:
 class Seen(msgspec.Struct, gc=False):
     """The messages a record took, by event id, with their stream positions (None in
     replay), and the positions of later copies of the same id (the duplicates). Each
-    record carries its own, so it is always written together with what it counts."""
+    kind of header message and each lab series carries its own, so it is always written
+    together with what it counts (an `AeHistory` keeps its ids itself)."""
 
     first: dict[str, int | None] = {}
     again: dict[str, list[int | None]] | None = None  # rare: made on the first duplicate
@@ -91,7 +93,7 @@ class AeHistory(msgspec.Struct, array_like=True, gc=False):
         """How many messages lost a tie on their version number."""
         return len(self.lost) if self.lost else 0
 
-    def position_of(self, event_id: str) -> int | None | _NotTaken:
+    def position_of(self, event_id: str) -> int | None | Literal[_Taken.NOT]:
         """The position of the message taken with this id, or `_NOT_TAKEN`."""
         for index, ae in enumerate(self.messages):
             if ae.event_id == event_id:
@@ -99,7 +101,8 @@ class AeHistory(msgspec.Struct, array_like=True, gc=False):
         return self.lost.get(event_id, _NOT_TAKEN) if self.lost else _NOT_TAKEN
 
     def take(self, ae: AdverseEvent, position: int | None) -> None:
-        """Keep a message not taken before: the winner of its version number."""
+        """Keep a message not taken before: as the winner of its version number, or,
+        losing the tie on it, as an id in ``lost``."""
         if not self.messages:  # the usual case: the AE's first message
             self.messages = (ae,)
             self.positions = _NO_POSITION if position is None else (position,)
@@ -127,11 +130,11 @@ class AeHistory(msgspec.Struct, array_like=True, gc=False):
                 sum(len(copies) for copies in (self.again or {}).values()))
 
 
-class _NotTaken:
-    __slots__ = ()
+class _Taken(enum.Enum):
+    NOT = enum.auto()
 
 
-_NOT_TAKEN = _NotTaken()
+_NOT_TAKEN = _Taken.NOT
 _NO_POSITION = (None,)  # the positions of an AE's first message in replay, shared
 
 
@@ -285,8 +288,8 @@ def _count_subject(counts: Counts, subject: Subject) -> None:
     records = [*((tag, seen) for tag, seen in header.seen.items()),
                *(("adverse_event", history) for history in subject.aes.values()),
                *(("lab_result", series.seen) for series in subject.labs.values())]
-    for tag, seen in records:
-        accepted, duplicates = seen.count()
+    for tag, holder in records:
+        accepted, duplicates = holder.count()
         counts.accepted[tag] += accepted
         counts.duplicates[tag] += duplicates
     if header.last_recorded_at is not None and (
