@@ -1,11 +1,28 @@
-"""Replay's report as tables for a person (rich); the JSON form is the program's."""
+"""Replay's report as tables for a person (rich); the JSON form is the program's.
+
+A few trials print a section each. More than `MANY` print one row each in shared tables,
+so that a log of a thousand trials reads as a handful of tables, not a thousand. A table
+longer than `LONG` rows prints as plain aligned columns: rich lays out about a row per
+millisecond, which for the alerts of a large log is most of a minute.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
+
+MANY = 20  # trials: more print one row each, not a section each
+LONG = 200  # rows: longer tables print as plain aligned columns
 
 _STATE_STYLE = {"breached": "bold red", "ok": "green"}
+_SUBJECTS = ("infused", "in_window", "window_completed", "withdrawn", "died")
+_ENDPOINT = ("ae", "sae", "subjects_with_ae", "subjects_with_sae")
+_OTHER_AES = ("pre_treatment", "post_window", "retracted", "imputed_onset",
+              "awaiting_infusion", "conflicts")
+_RULE_COLUMNS = ("rule", "kind", "severity", "state", "value", "threshold", "evidence")
 
 
 def print_report(report: dict, console: Console) -> None:
@@ -14,67 +31,102 @@ def print_report(report: dict, console: Console) -> None:
                   f"accepted {events['accepted']}, duplicates {events['duplicates']}, "
                   f"rejected {events['rejected']}, recorded after as-of "
                   f"{events.get('after_as_of', 0)}")
-    for trial_id, trial in report["trials"].items():
-        _print_trial(trial_id, trial, console)
+    trials = report["trials"]
+    if len(trials) > MANY:
+        _print_trials(trials, console)
+    else:
+        for trial_id, trial in trials.items():
+            _print_trial(trial_id, trial, console)
     if report["alerts"]:
-        console.print(_alerts_table(report["alerts"]))
+        print_table(console, "Alert transitions",
+                    ("alert", "transition", "severity", "event", "recorded at", "value"),
+                    [(a["id"], a["transition"], a["severity"], a["event_id"], a["recorded_at"],
+                      f"{a['value']} / {a['threshold']}") for a in report["alerts"]])
     if report["rejected"]:
-        console.print(_rejected_table(report["rejected"]))
+        print_table(console, f"Rejected lines ({len(report['rejected'])})", ("line", "reason"),
+                    [(str(item["line"]), item["reason"]) for item in report["rejected"]],
+                    right=("line",))
+
+
+def print_table(console: Console, title: str, columns: Sequence[str],
+                rows: Sequence[Sequence[str]], right: Sequence[str] = ()) -> None:
+    """Rows of text under their column names (``right``: the right-aligned ones), as a
+    rich table, or as plain aligned columns when longer than `LONG` rows. Values are
+    text, never markup."""
+    if len(rows) <= LONG:
+        table = Table(title=title)
+        for name in columns:
+            table.add_column(name, overflow="fold", justify="right" if name in right else "left")
+        for row in rows:
+            table.add_row(*(Text(value, style=_STATE_STYLE.get(value, "") if name == "state"
+                                 else "") for name, value in zip(columns, row, strict=True)))
+        console.print(table)
+        return
+    widths = [max(len(name), *(len(row[index]) for row in rows))
+              for index, name in enumerate(columns)]
+    aligned = [str.rjust if name in right else str.ljust for name in columns]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(align(value, width) for align, value, width
+                         in zip(aligned, values, widths, strict=True)).rstrip()
+
+    console.print(Text(f"{title} ({len(rows)} rows)", style="italic"))
+    console.out("\n".join([line(columns), line(["-" * width for width in widths]),
+                           *map(line, rows)]), highlight=False)
 
 
 def _print_trial(trial_id: str, trial: dict, console: Console) -> None:
-    console.rule(f"[bold]{trial_id}[/] {trial.get('title', '')}")
+    console.rule(Text.assemble((trial_id, "bold"), f" {trial.get('title', '')}"))
     if "warning" in trial:
-        console.print(f"[yellow]warning:[/] {trial['warning']}")
-    summary = Table(show_header=True, title="Subjects and primary endpoint")
-    for name in ("infused", "in_window", "window_completed", "withdrawn", "died"):
-        summary.add_column(name.replace("_", " "), justify="right")
-    for name in ("ae", "sae", "subjects_with_ae", "subjects_with_sae"):
-        summary.add_column(name.replace("_", " ").upper() if len(name) < 4
-                           else name.replace("_", " "), justify="right")
+        console.print(Text.assemble(("warning: ", "yellow"), trial["warning"]))
     subjects, endpoint = trial["subjects"], trial["primary_endpoint"]
-    summary.add_row(*[str(subjects[k]) for k in ("infused", "in_window", "window_completed",
-                                                  "withdrawn", "died")],
-                    *[str(endpoint[k]) for k in ("ae", "sae", "subjects_with_ae",
-                                                  "subjects_with_sae")])
-    console.print(summary)
+    print_table(console, "Subjects and primary endpoint",
+                [_heading(name) for name in (*_SUBJECTS, *_ENDPOINT)],
+                [[str(subjects[k]) for k in _SUBJECTS] + [str(endpoint[k]) for k in _ENDPOINT]],
+                right=[_heading(name) for name in (*_SUBJECTS, *_ENDPOINT)])
     aes = trial["adverse_events"]
     grades = ", ".join(f"{g}: {n}" for g, n in aes["by_grade"].items())
     console.print(f"In-window AEs by grade: {grades}.  Pre-treatment {aes['pre_treatment']}, "
                   f"post-window {aes['post_window']}, retracted {aes['retracted']}, "
                   f"imputed onset {aes['imputed_onset']}, awaiting infusion "
-                  f"{aes['awaiting_infusion']}, version conflicts {aes['conflicts']}")
+                  f"{aes['awaiting_infusion']}, version conflicts {aes['conflicts']}",
+                  highlight=False)
     if trial["rules"]:
-        console.print(_rules_table(trial["rules"]))
+        print_table(console, "Stopping rules", _RULE_COLUMNS,
+                    [_rule_row(rule_id, rule) for rule_id, rule in trial["rules"].items()])
 
 
-def _rules_table(rules: dict) -> Table:
-    table = Table(title="Stopping rules")
-    for name in ("rule", "kind", "severity", "state", "value", "threshold", "evidence"):
-        table.add_column(name, overflow="fold")
-    for rule_id, rule in rules.items():
-        evidence = rule["evidence"]
-        shown = ", ".join(evidence[:4]) + (f" (+{len(evidence) - 4})" if len(evidence) > 4 else "")
-        table.add_row(rule_id, rule["kind"], rule["severity"],
-                      f"[{_STATE_STYLE[rule['state']]}]{rule['state']}[/]",
-                      str(rule["value"]), str(rule["threshold"]), shown)
-    return table
+def _print_trials(trials: dict, console: Console) -> None:
+    """Many trials: a row each in one table of subjects and endpoint, one of AEs, and one
+    of stopping rules (a row per trial and rule)."""
+    for trial_id, trial in trials.items():
+        if "warning" in trial:
+            console.print(Text.assemble(("warning: ", "yellow"), f"{trial_id}: {trial['warning']}"))
+    counts = [_heading(name) for name in (*_SUBJECTS, *_ENDPOINT)]
+    print_table(console, "Subjects and primary endpoint, by trial",
+                ("trial", *counts, "title"),
+                [(trial_id, *(str(trial["subjects"][k]) for k in _SUBJECTS),
+                  *(str(trial["primary_endpoint"][k]) for k in _ENDPOINT), trial.get("title", ""))
+                 for trial_id, trial in trials.items()], right=counts)
+    others = [_heading(name) for name in _OTHER_AES]
+    grades = [f"grade {grade}" for grade in range(1, 6)]
+    print_table(console, "In-window AEs by grade, and the others, by trial",
+                ("trial", *grades, *others),
+                [(trial_id, *(str(trial["adverse_events"]["by_grade"][str(grade)])
+                              for grade in range(1, 6)),
+                  *(str(trial["adverse_events"][k]) for k in _OTHER_AES))
+                 for trial_id, trial in trials.items()], right=[*grades, *others])
+    print_table(console, "Stopping rules, by trial", ("trial", *_RULE_COLUMNS),
+                [(trial_id, *_rule_row(rule_id, rule)) for trial_id, trial in trials.items()
+                 for rule_id, rule in trial["rules"].items()])
 
 
-def _alerts_table(alerts: list[dict]) -> Table:
-    table = Table(title="Alert transitions")
-    for name in ("alert", "transition", "severity", "event", "recorded at", "value"):
-        table.add_column(name, overflow="fold")
-    for alert in alerts:
-        table.add_row(alert["id"], alert["transition"], alert["severity"], alert["event_id"],
-                      alert["recorded_at"], f"{alert['value']} / {alert['threshold']}")
-    return table
+def _rule_row(rule_id: str, rule: dict) -> list[str]:
+    evidence = rule["evidence"]
+    shown = ", ".join(evidence[:4]) + (f" (+{len(evidence) - 4})" if len(evidence) > 4 else "")
+    return [rule_id, rule["kind"], rule["severity"], rule["state"], str(rule["value"]),
+            str(rule["threshold"]), shown]
 
 
-def _rejected_table(rejected: list[dict]) -> Table:
-    table = Table(title=f"Rejected lines ({len(rejected)})")
-    table.add_column("line", justify="right")
-    table.add_column("reason")
-    for item in rejected:
-        table.add_row(str(item["line"]), item["reason"])
-    return table
+def _heading(name: str) -> str:
+    return name.replace("_", " ").upper() if len(name) < 4 else name.replace("_", " ")
