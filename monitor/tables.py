@@ -38,17 +38,17 @@ def print_report(report: dict, console: Console) -> None:
         for trial_id, trial in trials.items():
             _print_trial(trial_id, trial, console)
     if report["alerts"]:
-        print_table(console, "Alert transitions",
+        _table(console, "Alert transitions",
                     ("alert", "transition", "severity", "event", "recorded at", "value"),
                     [(a["id"], a["transition"], a["severity"], a["event_id"], a["recorded_at"],
                       f"{a['value']} / {a['threshold']}") for a in report["alerts"]])
     if report["rejected"]:
-        print_table(console, f"Rejected lines ({len(report['rejected'])})", ("line", "reason"),
+        _table(console, f"Rejected lines ({len(report['rejected'])})", ("line", "reason"),
                     [(str(item["line"]), item["reason"]) for item in report["rejected"]],
                     right=("line",))
 
 
-def print_table(console: Console, title: str, columns: Sequence[str],
+def _table(console: Console, title: str, columns: Sequence[str],
                 rows: Sequence[Sequence[str]], right: Sequence[str] = ()) -> None:
     """Rows of text under their column names (``right``: the right-aligned ones), as a
     rich table, or as plain aligned columns when longer than `LONG` rows. Values are
@@ -80,7 +80,7 @@ def _print_trial(trial_id: str, trial: dict, console: Console) -> None:
     if "warning" in trial:
         console.print(Text.assemble(("warning: ", "yellow"), trial["warning"]))
     subjects, endpoint = trial["subjects"], trial["primary_endpoint"]
-    print_table(console, "Subjects and primary endpoint",
+    _table(console, "Subjects and primary endpoint",
                 [_heading(name) for name in (*_SUBJECTS, *_ENDPOINT)],
                 [[str(subjects[k]) for k in _SUBJECTS] + [str(endpoint[k]) for k in _ENDPOINT]],
                 right=[_heading(name) for name in (*_SUBJECTS, *_ENDPOINT)])
@@ -92,7 +92,7 @@ def _print_trial(trial_id: str, trial: dict, console: Console) -> None:
                   f"{aes['awaiting_infusion']}, version conflicts {aes['conflicts']}",
                   highlight=False)
     if trial["rules"]:
-        print_table(console, "Stopping rules", _RULE_COLUMNS,
+        _table(console, "Stopping rules", _RULE_COLUMNS,
                     [_rule_row(rule_id, rule) for rule_id, rule in trial["rules"].items()])
 
 
@@ -103,20 +103,20 @@ def _print_trials(trials: dict, console: Console) -> None:
         if "warning" in trial:
             console.print(Text.assemble(("warning: ", "yellow"), f"{trial_id}: {trial['warning']}"))
     counts = [_heading(name) for name in (*_SUBJECTS, *_ENDPOINT)]
-    print_table(console, "Subjects and primary endpoint, by trial",
+    _table(console, "Subjects and primary endpoint, by trial",
                 ("trial", *counts, "title"),
                 [(trial_id, *(str(trial["subjects"][k]) for k in _SUBJECTS),
                   *(str(trial["primary_endpoint"][k]) for k in _ENDPOINT), trial.get("title", ""))
                  for trial_id, trial in trials.items()], right=counts)
     others = [_heading(name) for name in _OTHER_AES]
     grades = [f"grade {grade}" for grade in range(1, 6)]
-    print_table(console, "In-window AEs by grade, and the others, by trial",
+    _table(console, "In-window AEs by grade, and the others, by trial",
                 ("trial", *grades, *others),
                 [(trial_id, *(str(trial["adverse_events"]["by_grade"][str(grade)])
                               for grade in range(1, 6)),
                   *(str(trial["adverse_events"][k]) for k in _OTHER_AES))
                  for trial_id, trial in trials.items()], right=[*grades, *others])
-    print_table(console, "Stopping rules, by trial", ("trial", *_RULE_COLUMNS),
+    _table(console, "Stopping rules, by trial", ("trial", *_RULE_COLUMNS),
                 [(trial_id, *_rule_row(rule_id, rule)) for trial_id, trial in trials.items()
                  for rule_id, rule in trial["rules"].items()])
 
