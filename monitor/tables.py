@@ -99,9 +99,14 @@ def _print_trial(trial_id: str, trial: dict, console: Console) -> None:
 def _print_trials(trials: dict, console: Console) -> None:
     """Many trials: a row each in one table of subjects and endpoint, one of AEs, and one
     of stopping rules (a row per trial and rule)."""
+    warned: dict[str, list[str]] = {}
     for trial_id, trial in trials.items():
         if "warning" in trial:
-            console.print(Text.assemble(("warning: ", "yellow"), f"{trial_id}: {trial['warning']}"))
+            warned.setdefault(trial["warning"], []).append(trial_id)
+    for warning, trial_ids in warned.items():
+        console.print(Text.assemble(("warning: ", "yellow"), f"{warning} ({len(trial_ids)} "
+                                    f"{'trial' if len(trial_ids) == 1 else 'trials'}): ",
+                                    ", ".join(trial_ids)))
     counts = [_heading(name) for name in (*_SUBJECTS, *_ENDPOINT)]
     _table(console, "Subjects and primary endpoint, by trial",
                 ("trial", *counts, "title"),
@@ -116,9 +121,10 @@ def _print_trials(trials: dict, console: Console) -> None:
                               for grade in range(1, 6)),
                   *(str(trial["adverse_events"][k]) for k in _OTHER_AES))
                  for trial_id, trial in trials.items()], right=[*grades, *others])
-    _table(console, "Stopping rules, by trial", ("trial", *_RULE_COLUMNS),
-                [(trial_id, *_rule_row(rule_id, rule)) for trial_id, trial in trials.items()
-                 for rule_id, rule in trial["rules"].items()])
+    rules = [(trial_id, *_rule_row(rule_id, rule)) for trial_id, trial in trials.items()
+             for rule_id, rule in trial["rules"].items()]
+    if rules:
+        _table(console, "Stopping rules, by trial", ("trial", *_RULE_COLUMNS), rules)
 
 
 def _rule_row(rule_id: str, rule: dict) -> list[str]:

@@ -87,3 +87,15 @@ def test_values_are_printed_as_text_not_markup(sample_report, count) -> None:
     out = printed(report)
     assert "[bold]grade[/bold]: 7 is not [red]a grade" in out
     assert "evt-[i]1[/i]" in out
+
+
+def test_many_trials_without_rules_share_one_warning(sample_report) -> None:
+    report = many_trials(sample_report, tables.MANY + 1)
+    (trial,) = sample_report["trials"].values()
+    unwatched = {**copy.deepcopy(trial), "rules": {}, "warning": "no rules file watches it"}
+    report["trials"] = {**{f"U{n}": unwatched for n in range(3)}, **report["trials"]}
+    out = printed(report)
+    assert out.count("warning:") == 1
+    assert "no rules file watches it (3 trials): U0, U1, U2" in out
+    assert " U0 " in out.split("Stopping rules")[0]  # its counts are still shown
+    assert " U0 " not in out.split("Stopping rules")[1]  # no rule of its own
