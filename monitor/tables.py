@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from rich.cells import cell_len
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -37,19 +38,19 @@ def print_report(report: dict, console: Console) -> None:
     else:
         for trial_id, trial in trials.items():
             _print_trial(trial_id, trial, console)
-    if report["alerts"]:
-        _table(console, "Alert transitions",
-                    ("alert", "transition", "severity", "event", "recorded at", "value"),
-                    [(a["id"], a["transition"], a["severity"], a["event_id"], a["recorded_at"],
-                      f"{a['value']} / {a['threshold']}") for a in report["alerts"]])
-    if report["rejected"]:
-        _table(console, f"Rejected lines ({len(report['rejected'])})", ("line", "reason"),
-                    [(str(item["line"]), item["reason"]) for item in report["rejected"]],
-                    right=("line",))
+    alerts, rejected = report["alerts"], report["rejected"]
+    if alerts:
+        _table(console, f"Alert transitions ({len(alerts)})",
+               ("alert", "transition", "severity", "event", "recorded at", "value"),
+               [(a["id"], a["transition"], a["severity"], a["event_id"], a["recorded_at"],
+                 f"{a['value']} / {a['threshold']}") for a in alerts])
+    if rejected:
+        _table(console, f"Rejected lines ({len(rejected)})", ("line", "reason"),
+               [(str(item["line"]), item["reason"]) for item in rejected], right=("line",))
 
 
 def _table(console: Console, title: str, columns: Sequence[str],
-                rows: Sequence[Sequence[str]], right: Sequence[str] = ()) -> None:
+           rows: Sequence[Sequence[str]], right: Sequence[str] = ()) -> None:
     """Rows of text under their column names (``right``: the right-aligned ones), as a
     rich table, or as plain aligned columns when longer than `LONG` rows. Values are
     text, never markup."""
@@ -62,17 +63,34 @@ def _table(console: Console, title: str, columns: Sequence[str],
                                  else "") for name, value in zip(columns, row, strict=True)))
         console.print(table)
         return
-    widths = [max(len(name), *(len(row[index]) for row in rows))
+    rows = [[value.translate(_VISIBLE) for value in row] for row in rows]
+    widths = [max(cell_len(name), *(cell_len(row[index]) for row in rows))
               for index, name in enumerate(columns)]
-    aligned = [str.rjust if name in right else str.ljust for name in columns]
+    flush_right = [name in right for name in columns]
 
-    def line(values: Sequence[str]) -> str:
-        return "  ".join(align(value, width) for align, value, width
-                         in zip(aligned, values, widths, strict=True)).rstrip()
+    def padded(values: Sequence[str]) -> list[str]:
+        return [" " * (width - cell_len(value)) + value if to_right
+                else value + " " * (width - cell_len(value))
+                for to_right, value, width in zip(flush_right, values, widths, strict=True)]
 
-    console.print(Text(f"{title} ({len(rows)} rows)", style="italic"))
-    console.out("\n".join([line(columns), line(["-" * width for width in widths]),
-                           *map(line, rows)]), highlight=False)
+    console.print(Text(title, style="italic"))
+    # one Text: a breached rule's state stays bold red, at the cost of one span each
+    state = columns.index("state") if "state" in columns else None
+    text = Text("  ".join(padded(columns)).rstrip() + "\n" +
+                "  ".join("-" * width for width in widths) + "\n")
+    for values in rows:
+        cells = padded(values)
+        if state is None or values[state] != "breached":
+            text.append("  ".join(cells).rstrip() + "\n")
+            continue
+        text.append("  ".join(cells[:state] + [""]))
+        text.append(cells[state], style=_STATE_STYLE["breached"])
+        text.append("  ".join(["", *cells[state + 1:]]).rstrip() + "\n")
+    console.print(text, soft_wrap=True, highlight=False, end="")
+
+
+# a control character in a plain column (a newline in an id) is shown, not obeyed
+_VISIBLE = {code: f"\\x{code:02x}" for code in (*range(32), 127)}
 
 
 def _print_trial(trial_id: str, trial: dict, console: Console) -> None:
@@ -80,10 +98,10 @@ def _print_trial(trial_id: str, trial: dict, console: Console) -> None:
     if "warning" in trial:
         console.print(Text.assemble(("warning: ", "yellow"), trial["warning"]))
     subjects, endpoint = trial["subjects"], trial["primary_endpoint"]
-    _table(console, "Subjects and primary endpoint",
-                [_heading(name) for name in (*_SUBJECTS, *_ENDPOINT)],
-                [[str(subjects[k]) for k in _SUBJECTS] + [str(endpoint[k]) for k in _ENDPOINT]],
-                right=[_heading(name) for name in (*_SUBJECTS, *_ENDPOINT)])
+    counts = [_heading(name) for name in (*_SUBJECTS, *_ENDPOINT)]
+    _table(console, "Subjects and primary endpoint", counts,
+           [[str(subjects[k]) for k in _SUBJECTS] + [str(endpoint[k]) for k in _ENDPOINT]],
+           right=counts)
     aes = trial["adverse_events"]
     grades = ", ".join(f"{g}: {n}" for g, n in aes["by_grade"].items())
     console.print(f"In-window AEs by grade: {grades}.  Pre-treatment {aes['pre_treatment']}, "
@@ -93,12 +111,12 @@ def _print_trial(trial_id: str, trial: dict, console: Console) -> None:
                   highlight=False)
     if trial["rules"]:
         _table(console, "Stopping rules", _RULE_COLUMNS,
-                    [_rule_row(rule_id, rule) for rule_id, rule in trial["rules"].items()])
+               [_rule_row(rule_id, rule) for rule_id, rule in trial["rules"].items()])
 
 
 def _print_trials(trials: dict, console: Console) -> None:
-    """Many trials: a row each in one table of subjects and endpoint, one of AEs, and one
-    of stopping rules (a row per trial and rule)."""
+    """Many trials: a row each in one table of subjects and endpoint and one of AEs; the
+    breached rules; then every rule (a row per trial and rule)."""
     warned: dict[str, list[str]] = {}
     for trial_id, trial in trials.items():
         if "warning" in trial:
@@ -108,23 +126,29 @@ def _print_trials(trials: dict, console: Console) -> None:
                                     f"{'trial' if len(trial_ids) == 1 else 'trials'}): ",
                                     ", ".join(trial_ids)))
     counts = [_heading(name) for name in (*_SUBJECTS, *_ENDPOINT)]
-    _table(console, "Subjects and primary endpoint, by trial",
-                ("trial", *counts, "title"),
-                [(trial_id, *(str(trial["subjects"][k]) for k in _SUBJECTS),
-                  *(str(trial["primary_endpoint"][k]) for k in _ENDPOINT), trial.get("title", ""))
-                 for trial_id, trial in trials.items()], right=counts)
+    _table(console, f"Subjects and primary endpoint, by trial ({len(trials)})",
+           ("trial", *counts, "title"),
+           [(trial_id, *(str(trial["subjects"][k]) for k in _SUBJECTS),
+             *(str(trial["primary_endpoint"][k]) for k in _ENDPOINT), trial.get("title", ""))
+            for trial_id, trial in trials.items()], right=counts)
     others = [_heading(name) for name in _OTHER_AES]
     grades = [f"grade {grade}" for grade in range(1, 6)]
-    _table(console, "In-window AEs by grade, and the others, by trial",
-                ("trial", *grades, *others),
-                [(trial_id, *(str(trial["adverse_events"]["by_grade"][str(grade)])
-                              for grade in range(1, 6)),
-                  *(str(trial["adverse_events"][k]) for k in _OTHER_AES))
-                 for trial_id, trial in trials.items()], right=[*grades, *others])
-    rules = [(trial_id, *_rule_row(rule_id, rule)) for trial_id, trial in trials.items()
+    _table(console, f"In-window AEs by grade, and the others, by trial ({len(trials)})",
+           ("trial", *grades, *others),
+           [(trial_id, *(str(trial["adverse_events"]["by_grade"][str(grade)])
+                         for grade in range(1, 6)),
+             *(str(trial["adverse_events"][k]) for k in _OTHER_AES))
+            for trial_id, trial in trials.items()], right=[*grades, *others])
+    every = [(trial_id, rule_id, rule) for trial_id, trial in trials.items()
              for rule_id, rule in trial["rules"].items()]
-    if rules:
-        _table(console, "Stopping rules, by trial", ("trial", *_RULE_COLUMNS), rules)
+    breached = [(trial_id, *_rule_row(rule_id, rule)) for trial_id, rule_id, rule in every
+                if rule["state"] == "breached"]
+    if breached:  # first: what a person looks for among every trial's rules
+        _table(console, f"Breached stopping rules ({len(breached)})", ("trial", *_RULE_COLUMNS),
+               breached)
+    if every:
+        _table(console, f"Stopping rules, by trial ({len(every)})", ("trial", *_RULE_COLUMNS),
+               [(trial_id, *_rule_row(rule_id, rule)) for trial_id, rule_id, rule in every])
 
 
 def _rule_row(rule_id: str, rule: dict) -> list[str]:
