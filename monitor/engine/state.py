@@ -293,7 +293,8 @@ def _count_subject(counts: Counts, subject: Subject) -> None:
         counts.accepted[tag] += accepted
         counts.duplicates[tag] += duplicates
     if header.last_recorded_at is not None and (
-            counts.last_recorded_at is None or header.last_recorded_at > counts.last_recorded_at):
+            counts.last_recorded_at is None or (header.last_recorded_at, header.last_event_id)
+            > (counts.last_recorded_at, counts.last_event_id)):
         counts.last_recorded_at = header.last_recorded_at
         counts.last_event_id = header.last_event_id
 
@@ -338,9 +339,14 @@ def step(trial: TrialState, event: Event,
     # counting (inline: every event passes here)
     counts, header, recorded_at = trial.counts, subject.header, event.recorded_at
     counts.accepted[tag] += 1
-    if header.last_recorded_at is None or recorded_at > header.last_recorded_at:
+    # the latest event: the latest recorded_at, then the greatest event_id (any order)
+    latest = header.last_recorded_at
+    if latest is None or recorded_at > latest or (recorded_at == latest and
+                                                  event_id > header.last_event_id):
         header.last_recorded_at, header.last_event_id = recorded_at, event_id
-        if counts.last_recorded_at is None or recorded_at > counts.last_recorded_at:
+        latest = counts.last_recorded_at
+        if latest is None or recorded_at > latest or (recorded_at == latest and
+                                                      event_id > counts.last_event_id):
             counts.last_recorded_at, counts.last_event_id = recorded_at, event_id
     dirty = apply(trial, subject, held, event, position)
     if not dirty:

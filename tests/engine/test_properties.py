@@ -101,14 +101,19 @@ def final_state(messages: list[dict]) -> tuple[dict, list]:
     return report, alerts
 
 
-def kept_aes(messages: list[dict]) -> dict:
-    """What the engine keeps of each AE: its messages by version, the ties lost."""
+def kept(messages: list[dict]) -> dict:
+    """What the engine keeps of each AE (its messages by version, the ties lost), and
+    each subject's and trial's latest event."""
     trials = Trials(CATALOG)
     for message in messages:
         trials.apply(event(message))
-    return {(subject.subject_id, ae_id): history
-            for trial in trials.trials.values() for subject in trial.subjects.values()
-            for ae_id, history in subject.aes.items()}
+    return {**{(subject.subject_id, ae_id): history
+               for trial in trials.trials.values() for subject in trial.subjects.values()
+               for ae_id, history in subject.aes.items()},
+            **{subject.subject_id: (subject.header.last_recorded_at, subject.header.last_event_id)
+               for trial in trials.trials.values() for subject in trial.subjects.values()},
+            **{trial.trial_id: (trial.counts.last_recorded_at, trial.counts.last_event_id)
+               for trial in trials.trials.values()}}
 
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -120,7 +125,7 @@ def test_final_state_does_not_depend_on_arrival_order(messages, rng) -> None:
     shuffled = list(messages)
     rng.shuffle(shuffled)
     assert final_state(shuffled)[0] == final_state(messages)[0]
-    assert kept_aes(shuffled) == kept_aes(messages)
+    assert kept(shuffled) == kept(messages)
 
 
 @FAST

@@ -184,3 +184,22 @@ def test_an_ae_row_written_as_an_object_loads_as_the_same_ae() -> None:
     for position, message in ((1, first), (2, won), (3, lost), (9, first)):
         assert step(loaded, event(message), position=position)[1].outcome == REDELIVERED
     assert trial_report(loaded, AS_OF) == trial_report(trial, AS_OF)
+
+
+def test_the_latest_event_does_not_depend_on_arrival_or_load_order() -> None:
+    """Two events recorded at the same instant: the latest is the greater event id,
+    whichever came first, and after loading the rows in any order (the cause given to
+    the alerts `reconcile` raises after a crash)."""
+    same = "2021-01-01T18:00:00+00:00"
+    messages = [infusion("S1", "2021-01-01", recorded_at=same, event_id="e-2"),
+                infusion("S2", "2021-01-01", recorded_at=same, event_id="e-1"),
+                infusion("S2", "2021-01-02", dose=2, recorded_at=same, event_id="e-3")]
+    for order in ([0, 1, 2], [2, 1, 0], [1, 2, 0]):
+        trial = new_trial(TRIAL, RULES_ISC)
+        for index in order:
+            step(trial, event(messages[index]))
+        assert trial.counts.last_event_id == "e-3", order
+        assert trial.subjects["S2"].header.last_event_id == "e-3", order
+        rows = rows_of(trial)
+        for shuffled in (rows, rows[::-1]):
+            assert records.load_trial(TRIAL, RULES_ISC, shuffled).counts.last_event_id == "e-3"
