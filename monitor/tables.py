@@ -2,8 +2,8 @@
 
 A few trials print a section each. More than `MANY` print one row each in shared tables,
 so that a log of a thousand trials reads as a handful of tables, not a thousand. A table
-longer than `LONG` rows prints as plain aligned columns: rich lays out about a row per
-millisecond, which for the alerts of a large log is most of a minute.
+longer than `LONG` rows prints as plain aligned columns: rich lays a table out at about a
+row per millisecond (17,384 alerts took 13 s; the whole table form of 1,120 trials, 22 s).
 """
 
 from __future__ import annotations
