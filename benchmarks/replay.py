@@ -21,6 +21,7 @@ import argparse
 import io
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -135,6 +136,11 @@ def main() -> None:
           f" its table form printed in {ours['table_seconds']:.1f} s)")
     print(f"ratio:               {our_rate / base_rate:.1%} of the bare parse rate "
           "(target >= 25%, aim 50%)")
+    if len(runs) > 1:  # how much the machine moved the figures: each pair ran back to back
+        pairs = sorted((r["events"] / r["seconds"]) / (b["events"] / b["seconds"])
+                       for b, r in runs)
+        print(f"ratio of each pair:  {', '.join(f'{p:.1%}' for p in pairs)} "
+              f"(median {statistics.median(pairs):.1%})")
 
 
 if __name__ == "__main__":
