@@ -311,6 +311,8 @@ _STATE_GAUGES = {  # name: (help, extra labels)
     "safety_aes": ("Every AE's current version by placement (in_window, pre_treatment, "
                    "post_window, awaiting_infusion, or retracted)", ("placement",)),
     "safety_aes_imputed_onset": ("Current AEs whose partial onset date was imputed", ()),
+    "safety_aes_causality_not_assessed": ("Current AEs with no causality assessment yet "
+                                          "(counted as related)", ()),
     "safety_ae_version_conflicts": ("Messages that repeated an AE version with different "
                                     "content (settled by recorded_at, then event_id)", ()),
     "safety_trial_rules": ("Stopping rules watching the trial (0: no rules file)", ()),
@@ -377,6 +379,7 @@ def _add_trial(families: dict[str, GaugeMetricFamily], trial: str, report: Mappi
         count = endpoint.get("ae", 0) if placement == "in_window" else aes.get(placement, 0)
         put("safety_aes", count, placement)
     put("safety_aes_imputed_onset", aes.get("imputed_onset", 0))
+    put("safety_aes_causality_not_assessed", aes.get("causality_not_assessed", 0))
     put("safety_ae_version_conflicts", aes.get("conflicts", 0))
     rules = report.get("rules", {})
     put("safety_trial_rules", len(rules))

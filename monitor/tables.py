@@ -22,7 +22,8 @@ _STATE_STYLE = {"breached": "bold red", "ok": "green"}
 _SUBJECTS = ("infused", "in_window", "window_completed", "withdrawn", "died")
 _ENDPOINT = ("ae", "sae", "subjects_with_ae", "subjects_with_sae")
 _OTHER_AES = ("pre_treatment", "post_window", "retracted", "imputed_onset",
-              "awaiting_infusion", "conflicts")
+              "awaiting_infusion", "conflicts", "causality_not_assessed")
+_IMPUTED = ("subject_id", "ae_id", "onset", "placed_on", "placement")
 _RULE_COLUMNS = ("rule", "kind", "severity", "state", "value", "threshold", "evidence")
 
 
@@ -107,8 +108,12 @@ def _print_trial(trial_id: str, trial: dict, console: Console) -> None:
     console.print(f"In-window AEs by grade: {grades}.  Pre-treatment {aes['pre_treatment']}, "
                   f"post-window {aes['post_window']}, retracted {aes['retracted']}, "
                   f"imputed onset {aes['imputed_onset']}, awaiting infusion "
-                  f"{aes['awaiting_infusion']}, version conflicts {aes['conflicts']}",
-                  highlight=False)
+                  f"{aes['awaiting_infusion']}, version conflicts {aes['conflicts']}, "
+                  f"causality not assessed (counted as related) "
+                  f"{aes['causality_not_assessed']}", highlight=False)
+    if imputed := trial.get("imputed_onsets"):
+        _table(console, f"Imputed onsets ({len(imputed)})", [_heading(k) for k in _IMPUTED],
+               [[item[k] for k in _IMPUTED] for item in imputed])
     if trial["rules"]:
         _table(console, "Stopping rules", _RULE_COLUMNS,
                [_rule_row(rule_id, rule) for rule_id, rule in trial["rules"].items()])
@@ -139,6 +144,11 @@ def _print_trials(trials: dict, console: Console) -> None:
                          for grade in range(1, 6)),
              *(str(trial["adverse_events"][k]) for k in _OTHER_AES))
             for trial_id, trial in trials.items()], right=[*grades, *others])
+    imputed = [(trial_id, *(item[k] for k in _IMPUTED)) for trial_id, trial in trials.items()
+               for item in trial.get("imputed_onsets", ())]
+    if imputed:
+        _table(console, f"Imputed onsets, by trial ({len(imputed)})",
+               ("trial", *(_heading(k) for k in _IMPUTED)), imputed)
     every = [(trial_id, rule_id, rule) for trial_id, trial in trials.items()
              for rule_id, rule in trial["rules"].items()]
     breached = [(trial_id, *_rule_row(rule_id, rule)) for trial_id, rule_id, rule in every

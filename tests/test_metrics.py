@@ -252,6 +252,7 @@ def test_state_gauges_come_from_the_reports_at_scrape_time(registry, metrics) ->
                                  "subjects_with_sae": 1},
             "adverse_events": {"pre_treatment": 1, "post_window": 0, "retracted": 2,
                                "imputed_onset": 1, "awaiting_infusion": 0, "conflicts": 1,
+                               "causality_not_assessed": 4,
                                "by_grade": {"1": 3, "2": 1, "3": 1, "4": 0, "5": 0}},
             "rules": {"related-sae": {"kind": "count", "severity": "halt",
                                       "state": "breached", "value": 2, "threshold": 2,
@@ -273,6 +274,7 @@ def test_state_gauges_come_from_the_reports_at_scrape_time(registry, metrics) ->
     assert value("safety_aes", {**trial, "placement": "in_window"}) == 5
     assert value("safety_aes", {**trial, "placement": "retracted"}) == 2
     assert value("safety_ae_version_conflicts", trial) == 1
+    assert value("safety_aes_causality_not_assessed", trial) == 4
     assert value("safety_trial_rules", trial) == 1
     rule = {**trial, "rule": "related-sae", "severity": "halt"}
     assert value("safety_rule_value", rule) == 2

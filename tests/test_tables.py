@@ -44,6 +44,7 @@ def many_trials(report: dict, count: int) -> dict:
         mine["adverse_events"]["by_grade"]["1"] = 4000 + number
         mine["adverse_events"]["by_grade"]["3"] = 2000 + number
         mine["adverse_events"]["conflicts"] = 3000 + number
+        mine["adverse_events"]["causality_not_assessed"] = 5000 + number
         mine["title"] = f"title {number}"
     report["alerts"] = [{**alert, "id": f"{trial_id}/{alert['id']}"}
                         for trial_id in report["trials"] for alert in report["alerts"]]
@@ -81,6 +82,21 @@ def test_a_few_trials_print_a_section_each(sample_report) -> None:
     assert "ISC.19.29" in out and "related-sae" in out and "Rejected lines (2)" in out
 
 
+def test_a_trials_section_says_which_onsets_were_imputed(sample_report) -> None:
+    (trial,) = sample_report["trials"].values()
+    aes = trial["adverse_events"]
+    assert trial["imputed_onsets"] and aes["causality_not_assessed"]
+    out = printed(sample_report)
+    assert (f"causality not assessed (counted as related) {aes['causality_not_assessed']}"
+            in " ".join(out.split()))
+    assert f"Imputed onsets ({len(trial['imputed_onsets'])})" in out
+    rows = rows_by_first_cell(out)
+    for item in trial["imputed_onsets"]:
+        assert row(rows, item["subject_id"], item["ae_id"]) == [
+            item["subject_id"], item["ae_id"], item["onset"], item["placed_on"],
+            item["placement"]]
+
+
 @pytest.mark.parametrize("count", [tables.MANY + 1, tables.LONG + 1])  # rich, then plain
 def test_many_trials_print_a_row_each_in_shared_tables(sample_report, count) -> None:
     report = many_trials(sample_report, count)
@@ -91,13 +107,20 @@ def test_many_trials_print_a_row_each_in_shared_tables(sample_report, count) -> 
     breached = [rule_id for rule_id, rule in trial["rules"].items()
                 if rule["state"] == "breached"]
     assert f"Breached stopping rules ({count * len(breached)})" in out
+    assert f"Imputed onsets, by trial ({count * len(trial['imputed_onsets'])})" in out
+    onsets = {item["ae_id"]: [item["subject_id"], item["ae_id"], item["onset"],
+                              item["placed_on"], item["placement"]]
+              for item in trial["imputed_onsets"]}
     rows = rows_by_first_cell(out)
     for number, trial_id in enumerate(report["trials"]):
         subjects = row(rows, trial_id, f"title {number}")
         assert subjects[1] == str(number) and subjects[6] == str(1000 + number)
         aes = row(rows, trial_id, str(3000 + number))
-        assert (aes[1], aes[3], aes[-1]) == (str(4000 + number), str(2000 + number),
-                                             str(3000 + number))
+        assert (aes[1], aes[3], aes[-2], aes[-1]) == (
+            str(4000 + number), str(2000 + number), str(3000 + number), str(5000 + number))
+        imputed = [cells for cells in rows[trial_id] if cells[2] in onsets]
+        assert imputed == [[trial_id, *onsets[cells[2]]] for cells in imputed]
+        assert len(imputed) == len(onsets)
         for rule_id, rule in trial["rules"].items():
             found = [cells for cells in rows[trial_id] if cells[1] == rule_id]
             assert [c[4] for c in found] == [rule["state"]] * (2 if rule_id in breached else 1)

@@ -68,7 +68,8 @@ def _adverse_events(trial: TrialState) -> dict:
     endpoint = {"ae": 0, "sae": 0, "subjects_with_ae": 0, "subjects_with_sae": 0}
     aes = {PRE_TREATMENT: 0, POST_WINDOW: 0, "retracted": 0, "imputed_onset": 0,
            "by_grade": {str(g): 0 for g in range(1, 6)}, AWAITING_INFUSION: 0,
-           "conflicts": 0, "current": 0}
+           "conflicts": 0, "current": 0, "causality_not_assessed": 0}
+    imputed = []  # which onsets were placed (SPEC section 3), not only how many
     for subject in trial.subjects.values():
         with_ae = with_sae = False
         for history in subject.aes.values():
@@ -78,8 +79,13 @@ def _adverse_events(trial: TrialState) -> dict:
                 aes["retracted"] += 1
                 continue
             aes["current"] += 1
+            aes["causality_not_assessed"] += ae.relatedness is None  # counts as related
             placement = trial.placement(subject.subject_id, ae)
-            aes["imputed_onset"] += placement.imputed and placement.onset is not None
+            if placement.imputed and placement.onset is not None:
+                aes["imputed_onset"] += 1
+                imputed.append({"subject_id": subject.subject_id, "ae_id": ae.ae_id,
+                                "onset": ae.onset, "placed_on": placement.onset.isoformat(),
+                                "placement": placement.period})
             if placement.period != IN_WINDOW:
                 aes[placement.period] += 1
                 continue
@@ -89,7 +95,8 @@ def _adverse_events(trial: TrialState) -> dict:
             with_ae, with_sae = True, with_sae or ae.serious
         endpoint["subjects_with_ae"] += with_ae
         endpoint["subjects_with_sae"] += with_sae
-    return {"primary_endpoint": endpoint, "adverse_events": aes}
+    imputed.sort(key=lambda item: (item["subject_id"], item["ae_id"]))
+    return {"primary_endpoint": endpoint, "adverse_events": aes, "imputed_onsets": imputed}
 
 
 def _rules(trial: TrialState) -> dict:

@@ -103,6 +103,31 @@ def test_pre_treatment_post_window_and_imputed_counts() -> None:
     assert (out["pre_treatment"], out["post_window"], out["imputed_onset"]) == (1, 1, 2)
 
 
+def test_the_report_says_which_onsets_were_imputed_and_where_they_fell() -> None:
+    # SPEC section 3's examples: 2020-11 stays 2020-11-01 (a known month is never moved)
+    trials, _ = run([ae("S2", "D", "2021-03", recorded_at="2021-04-01T00:00:00Z"),
+                     infusion("S1", "2020-12-06"), ae("S1", "A", "2020-11"),
+                     ae("S1", "B", "2022-01-02"), ae("S1", "C", "2021"),
+                     ae("S1", "E", "2021-02", retracted=True),
+                     infusion("S2", "2021-03-10")])
+    assert report(trials)["imputed_onsets"] == [
+        {"subject_id": "S1", "ae_id": "A", "onset": "2020-11", "placed_on": "2020-11-01",
+         "placement": "pre_treatment"},
+        {"subject_id": "S1", "ae_id": "C", "onset": "2021", "placed_on": "2021-01-01",
+         "placement": "in_window"},
+        {"subject_id": "S2", "ae_id": "D", "onset": "2021-03", "placed_on": "2021-03-10",
+         "placement": "in_window"}]  # not before the first infusion; by subject and AE
+
+
+def test_aes_whose_causality_is_not_assessed_are_counted() -> None:
+    trials, _ = run([infusion("S1", "2021-01-01"), ae("S1", "A", "2021-02-01"),
+                     ae("S1", "B", "2021-02-02", relatedness="possible"),
+                     ae("S1", "C", "2021-02-03", relatedness="not_related"),
+                     ae("S1", "D", "2021-02-04", retracted=True),
+                     ae("S2", "E", "2021-02-05")])  # no infusion yet: still current
+    assert report(trials)["adverse_events"]["causality_not_assessed"] == 2
+
+
 def test_subject_states_partition_the_infused() -> None:
     messages = [infusion("S1", "2021-01-01"), infusion("S2", "2021-06-01"),
                 infusion("S3", "2021-06-01"), infusion("S4", "2021-06-01"),
