@@ -438,7 +438,8 @@ def _sort_key(item: EvidenceItem) -> tuple:
 
 class DosingWhileHalted(Rule):
     """An infusion recorded after a ``halt`` alert of another rule was raised and
-    before it was resolved (compared on ``recorded_at``)."""
+    before it was resolved (compared on ``recorded_at``; strictly after: the infusion
+    whose arrival raised the halt, at its own ``recorded_at``, does not count)."""
 
     kind: Literal["dosing_while_halted"]
     threshold: int = Field(1, ge=1)
@@ -458,5 +459,5 @@ class DosingWhileHalted(Rule):
     @staticmethod
     def during_halt(recorded_at: dt.datetime,
                     halts: list[tuple[dt.datetime, dt.datetime | None]]) -> bool:
-        return any(start <= recorded_at and (end is None or recorded_at < end)
+        return any(start < recorded_at and (end is None or recorded_at < end)
                    for start, end in halts)

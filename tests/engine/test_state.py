@@ -247,3 +247,23 @@ rules:
     assert rule(trials, "moderate")["evidence"] == ["S1/B"]
     assert rule(trials, "severe")["state"] == "ok"
     assert [a.rule_id for a in alerts] == ["any", "moderate", "any"]
+
+
+def test_the_infusion_that_causes_a_halt_is_not_dosing_while_halted() -> None:
+    """A held related SAE placed by the subject's infusion raises a halt at that
+    infusion's recorded_at: the infusion was not recorded after the halt."""
+    rules = f"""
+trial_id: {TRIAL}
+rules:
+  - {{id: any-related-sae, kind: count, severity: halt, threshold: 1,
+      match: {{serious: true, related: true}}}}
+  - {{id: dosing-while-halted, kind: dosing_while_halted, severity: halt}}
+"""
+    held = ae("S1", "A", "2021-03-09", serious=True, recorded_at="2021-03-10T00:00:00Z")
+    cause = infusion("S1", "2021-03-08", recorded_at="2021-03-12T00:00:00Z")
+    trials, alerts = run([held, cause], rules)
+    assert [(a.rule_id, a.transition) for a in alerts] == [("any-related-sae", "raised")]
+    assert rule(trials, "dosing-while-halted")["state"] == "ok"
+    later = infusion("S2", "2021-03-12", recorded_at="2021-03-12T00:00:01Z")
+    trials, _ = run([held, cause, later], rules)
+    assert rule(trials, "dosing-while-halted")["evidence"] == [f"S2/{later['event_id']}"]
