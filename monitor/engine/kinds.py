@@ -21,6 +21,7 @@ import math
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
+from sys import intern
 from typing import Annotated, ClassVar, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
@@ -286,7 +287,10 @@ class ClusterRule(Rule):
         return self.subjects
 
     def group_of(self, ae: AdverseEvent) -> str | None:
-        return ae.meddra_soc if self.by == "soc" else ae.meddra_pt
+        """The SOC (or PT) casefolded, as `Match` compares it; the alert shows this name,
+        whatever the spelling of the AEs. Interned: every AE of a group shares it."""
+        name = ae.meddra_soc if self.by == "soc" else ae.meddra_pt
+        return intern(name.casefold()) if name else None
 
     def extra_checks(self) -> tuple[Check, ...]:
         if self.by == "soc":

@@ -23,7 +23,8 @@ CATALOG = {TRIAL: parse_rules(RULES)}
 AS_OF = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
 START = dt.date(2021, 1, 1)
 SUBJECTS = ("S1", "S2", "S3", "S4")
-SOCS = ("Gastrointestinal disorders", "Nervous system disorders", None)
+SOCS = ("Gastrointestinal disorders", "GASTROINTESTINAL DISORDERS", "Nervous system disorders",
+        None)
 ORDER_DEPENDENT = {"dosing-while-halted"}  # judged on alerts open when an infusion arrives
 
 

@@ -204,6 +204,26 @@ def test_cluster_needs_distinct_subjects_within_the_days_in_one_soc() -> None:
     assert rule(trials, "gi-cluster")["state"] == "ok"
 
 
+def test_cluster_groups_meddra_names_whatever_their_case() -> None:
+    """As `match` compares MedDRA names: one SOC, however a site spelled its case."""
+    rules = f"""
+trial_id: {TRIAL}
+rules:
+  - {{id: liver, kind: cluster, severity: review, subjects: 3, within_days: 3}}
+"""
+    spellings = ("Hepatobiliary disorders", "HEPATOBILIARY DISORDERS",
+                 "hepatobiliary disorders", "Hepatobiliary Disorders")
+    base = [infusion(s, "2021-01-01") for s in ("S1", "S2", "S3", "S4")]
+    aes = [ae(f"S{n}", f"A{n}", f"2021-03-0{n}", meddra_soc=soc)
+           for n, soc in enumerate(spellings, start=1)]
+    for order in (aes, aes[::-1]):
+        trials, alerts = run([*base, *order], rules)
+        out = rule(trials, "liver")
+        assert out["state"] == "breached" and out["value"] == 4
+        assert out["evidence"] == ["S1/A1", "S2/A2", "S3/A3", "S4/A4"]
+        assert alerts[-1].detail["group"] == "hepatobiliary disorders"
+
+
 def test_dosing_while_halted_and_not_after_resolution() -> None:
     saes = [ae("S1", "A", "2021-02-01", serious=True, recorded_at="2021-02-02T00:00:00Z"),
             ae("S2", "B", "2021-02-03", serious=True, recorded_at="2021-02-04T00:00:00Z")]
