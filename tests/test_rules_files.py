@@ -10,6 +10,7 @@ import pytest
 
 from monitor.cli import main
 from monitor.engine.rules import RulesError, parse_rules
+from monitor.engine.window import WindowLength
 from monitor.rules_loader import load_rules_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,7 +22,7 @@ EXPECTED = {
     "unknown-kind.yaml": "rule 'weird': kind: unknown kind 'vibes'",
     "bad-severity.yaml": "rule 'r1': severity: Input should be 'halt', 'pause' or 'review'",
     "duplicate-id.yaml": "rules: rule id 'r1' is used twice",
-    "window-both.yaml": "window: give exactly one of 'months' or 'days'",
+    "window-both.yaml": "window: give 'months' or 'days', not both",
     "bad-yaml.yaml": "not valid YAML",
     "bad-recipient.yaml": "recipients.halt.0: 'not-an-address' is not valid here",
     "missing-kind.yaml": "rule 'r1': kind: missing 'kind'",
@@ -39,6 +40,14 @@ def test_every_shipped_rules_file_is_valid() -> None:
     ids = {rule.id for rule in isc.rules}
     assert {"related-death", "related-sae", "early-grade3", "soc-cluster",
             "dosing-while-halted"} <= ids
+
+
+@pytest.mark.parametrize("window", ["{anchor: first_infusion}", "{}", "{months: null}"])
+def test_a_window_without_a_length_is_12_calendar_months(window: str) -> None:
+    rules = parse_rules(f"trial_id: T.1\nwindow: {window}\n")
+    assert rules.window.length == WindowLength(months=12)
+    assert parse_rules("trial_id: T.1\nwindow: {days: 365}\n").window.length == \
+        WindowLength(months=None, days=365)
 
 
 def test_every_bad_file_has_a_test() -> None:

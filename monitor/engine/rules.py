@@ -48,10 +48,18 @@ class Window(BaseModel):
     months: int | None = Field(None, ge=1, le=120)
     days: int | None = Field(None, ge=1, le=3650)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_length(cls, data: object) -> object:
+        """No length given: 12 calendar months (SPEC 3)."""
+        if isinstance(data, dict) and data.get("months") is None and data.get("days") is None:
+            return {**data, "months": 12}
+        return data
+
     @model_validator(mode="after")
     def _one_length(self) -> Window:
-        if (self.months is None) == (self.days is None):
-            raise ValueError("give exactly one of 'months' or 'days'")
+        if self.months is not None and self.days is not None:
+            raise ValueError("give 'months' or 'days', not both")
         return self
 
     @property
@@ -75,7 +83,7 @@ class TrialRules(BaseModel):
     trial_id: Annotated[str, StringConstraints(min_length=1)]
     title: str = ""
     planned_subjects: int | None = Field(None, ge=1)
-    window: Window = Window(months=12)
+    window: Window = Window()
     recipients: Recipients = Recipients()
     rules: tuple[AnyRule, ...] = ()
 
