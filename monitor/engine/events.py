@@ -56,15 +56,25 @@ class BadValue(ValueError):
 
 
 def parse_day(field: str, text: str) -> dt.date:
-    """A full ISO 8601 date, or the calendar date of a date-time as written."""
+    """The calendar date, as written, of YYYY-MM-DD or of a date-time that starts with it."""
     try:
-        return dt.date.fromisoformat(text[:10]) if len(text) >= 10 else _no_day(field, text)
+        return _day(text)
     except ValueError:
-        raise BadValue(f"{field}: '{text}' is not an ISO 8601 date (YYYY-MM-DD)") from None
+        raise BadValue(f"{field}: '{text}' is not an ISO 8601 date or date-time (YYYY-MM-DD "
+                       "or e.g. 2021-03-01T09:30:00+00:00)") from None
 
 
-def _no_day(field: str, text: str) -> dt.date:
-    raise BadValue(f"{field}: '{text}' is not an ISO 8601 date (YYYY-MM-DD)")
+def _day(text: str) -> dt.date:
+    """`parse_day` without the field: the whole text must be YYYY-MM-DD, or that, T (or a
+    space) and a time with or without offset as `datetime.fromisoformat` reads it; no
+    time-zone conversion. Raises ValueError.
+
+    The dashes keep out the other dates fromisoformat reads: 20210310, 2021-W10-3."""
+    if len(text) == 10 and text[7] == "-":
+        return dt.date.fromisoformat(text)
+    if len(text) > 10 and text[10] in "T " and text[7] == "-" and text[4] == "-":
+        return dt.datetime.fromisoformat(text).date()
+    raise ValueError(text)
 
 
 def partial_date_range(field: str, text: str) -> tuple[dt.date, dt.date, str]:
@@ -180,13 +190,16 @@ class LabResult(BaseEvent, tag="lab_result"):
     collected_on: dt.date | None = None  # derived
 
     def __post_init__(self) -> None:
-        text = self.collected_at
-        if len(text) >= 10:  # parse_day inline (every lab result passes here), then its errors
-            try:
-                self.collected_on = dt.date.fromisoformat(text[:10])
+        text = self.collected_at  # _day inline (every lab result passes here), then its errors
+        try:
+            if len(text) == 10 and text[7] == "-":
+                self.collected_on = dt.date.fromisoformat(text)
                 return
-            except ValueError:
-                pass
+            if text[10] == "T" and text[7] == "-" and text[4] == "-":
+                self.collected_on = dt.datetime.fromisoformat(text).date()
+                return
+        except (ValueError, IndexError):
+            pass
         self.collected_on = parse_day("collected_at", text)
 
 

@@ -75,6 +75,9 @@ def test_derived_fields_cannot_be_injected() -> None:
     assert event.onset_earliest == dt.date(2021, 2, 20) and event.onset_precision == "day"
 
 
+BAD_DAYS = ["2021-03-10T99:99:00+00:00", "2021-03-10garbage", "2021-03-10 nonsense",
+            "2021-03-10T", "2021-W10-3", "2021-W10-3T10:00"]
+
 # Every case of SPEC "Bad input": the message a person reads, one line, field named.
 BAD = [
     (b"not json", "not JSON"),
@@ -123,6 +126,12 @@ BAD = [
      "regulatory_report.submitted_at: '2021-03-01T10:00:00' has no UTC offset"),
     ({**BASE, "type": "lab_result", "test": "ALT", "value": "high", "unit": "U/L",
       "collected_at": "2021-02-28"}, "lab_result.value: expected float, got str"),
+    # the whole of a date or date-time, not only its first ten characters
+    *[({**BASE, "type": "infusion", "infused_at": bad, "dose_number": 1},
+       f"infusion.infused_at: '{bad}' is not an ISO 8601 date or date-time") for bad in BAD_DAYS],
+    *[({**BASE, "type": "lab_result", "test": "ALT", "value": 1, "unit": "U/L",
+        "collected_at": bad}, f"lab_result.collected_at: '{bad}' is not an ISO 8601 date or "
+       "date-time") for bad in BAD_DAYS],
 ]
 
 
