@@ -47,7 +47,7 @@ Outcome = Literal[
 ]
 Status = Literal["enrolled", "withdrawn", "lost_to_follow_up", "completed", "died"]
 
-_PARTIAL_DATE = re.compile(r"(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?(?:T[\d:.]+(?:Z|[+-]\d{2}:?\d{2})?)?")
+_PARTIAL_DATE = re.compile(r"(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?(T[\d:.]+(?:Z|[+-]\d{2}:?\d{2})?)?")
 _GAP = re.compile(r"\d{4}-*-{2,}")
 
 
@@ -82,7 +82,9 @@ def partial_date_range(field: str, text: str) -> tuple[dt.date, dt.date, str]:
 
     ``2021`` -> (2021-01-01, 2021-12-31, "year"); ``2021-03`` -> (2021-03-01,
     2021-03-31, "month"); ``2021-03-05`` -> (that day, that day, "day"). A date with an
-    interior gap (``2019---07``, unknown month but known day) is rejected.
+    interior gap (``2019---07``, unknown month but known day) is rejected, and so is a
+    time after a partial date (``2021-03T10:00``): as in SDTM --DTC, only a full date
+    takes one.
     """
     if len(text) == 10 and text[4] == "-" and text[7] == "-":
         try:
@@ -96,17 +98,27 @@ def partial_date_range(field: str, text: str) -> tuple[dt.date, dt.date, str]:
     m = _PARTIAL_DATE.fullmatch(text)
     if m is None:
         raise BadValue(f"{field}: '{text}' is not an ISO 8601 date (YYYY, YYYY-MM or YYYY-MM-DD)")
-    year, month, day = m.groups()
+    year, month, day, time = m.groups()
+    if time is not None and day is None:
+        raise BadValue(f"{field}: '{text}' has a time after a partial date; only a full date "
+                       "takes a time (YYYY-MM-DDThh:mm)")
     try:
         if day is not None:
             exact = dt.date(int(year), int(month), int(day))
-            return exact, exact, "day"
-        if month is not None:
+        elif month is not None:
             first = dt.date(int(year), int(month), 1)
             return first, _month_end(first), "month"
-        return dt.date(int(year), 1, 1), dt.date(int(year), 12, 31), "year"
+        else:
+            return dt.date(int(year), 1, 1), dt.date(int(year), 12, 31), "year"
     except ValueError:
         raise BadValue(f"{field}: '{text}' is not a calendar date") from None
+    if time is not None:
+        try:
+            dt.datetime.fromisoformat(text)
+        except ValueError:
+            raise BadValue(f"{field}: '{text}' is not an ISO 8601 date-time (e.g. "
+                           "2021-03-01T09:30 or 2021-03-01T09:30:00+07:00)") from None
+    return exact, exact, "day"
 
 
 def _month_end(first: dt.date) -> dt.date:
