@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 import orjson
@@ -24,6 +24,10 @@ NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
 Grade = Annotated[int, msgspec.Meta(ge=1, le=5)]
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 Aware = Annotated[dt.datetime, msgspec.Meta(tz=True)]
+# A field __post_init__ computes from a real one: whatever JSON an input field of its name
+# holds is taken and then overwritten, as SPEC has unknown extra fields ignored. After
+# __post_init__ it holds the type its comment gives.
+Derived = Any
 
 EVENT_TYPES = ("infusion", "adverse_event", "subject_status", "regulatory_report", "lab_result")
 RELATEDNESS = ("not_related", "unlikely", "possible", "probable", "definite")
@@ -137,7 +141,7 @@ class Infusion(BaseEvent, tag="infusion"):
     infused_at: str
     dose_number: Positive
     cells_per_kg: Annotated[float, msgspec.Meta(gt=0)] | None = None
-    infused_on: dt.date | None = None  # derived: the calendar date of infused_at
+    infused_on: Derived = None  # dt.date: the calendar date of infused_at
 
     def __post_init__(self) -> None:
         self.infused_on = parse_day("infused_at", self.infused_at)
@@ -158,10 +162,10 @@ class AdverseEvent(BaseEvent, tag="adverse_event"):
     expected: bool | None = None
     outcome: Outcome | None = None
     retracted: bool = False
-    # derived from onset; always recomputed, whatever the input says
-    onset_earliest: dt.date | None = None
-    onset_latest: dt.date | None = None
-    onset_precision: str = "day"
+    # from onset (partial_date_range); always recomputed, whatever the input says
+    onset_earliest: Derived = None  # dt.date
+    onset_latest: Derived = None  # dt.date
+    onset_precision: Derived = "day"  # "day", "month" or "year"
 
     def __post_init__(self) -> None:
         lo, hi, precision = partial_date_range("onset", self.onset)
@@ -199,7 +203,7 @@ class LabResult(BaseEvent, tag="lab_result"):
     uln: float | None = None
     lln: float | None = None
     dialysis: bool | None = None
-    collected_on: dt.date | None = None  # derived
+    collected_on: Derived = None  # dt.date: the calendar date of collected_at
 
     def __post_init__(self) -> None:
         text = self.collected_at  # _day inline (every lab result passes here), then its errors

@@ -75,6 +75,28 @@ def test_derived_fields_cannot_be_injected() -> None:
     assert event.onset_earliest == dt.date(2021, 2, 20) and event.onset_precision == "day"
 
 
+INFUSION = {**BASE, "type": "infusion", "infused_at": "2021-02-01T23:30:00-05:00", "dose_number": 1}
+LAB = {**BASE, "type": "lab_result", "test": "ALT", "value": 41.5, "unit": "U/L",
+       "collected_at": "2021-02-28"}
+
+
+@pytest.mark.parametrize("message, derived", [
+    ({**INFUSION, "infused_on": "n/a"}, {"infused_on": dt.date(2021, 2, 1)}),
+    ({**INFUSION, "infused_on": {"x": 1}}, {"infused_on": dt.date(2021, 2, 1)}),
+    ({**GOOD_AE, "onset_earliest": "n/a", "onset_latest": 7, "onset_precision": ["year"]},
+     {"onset_earliest": dt.date(2021, 2, 20), "onset_latest": dt.date(2021, 2, 20),
+      "onset_precision": "day"}),
+    ({**GOOD_AE, "onset": "2021-02", "onset_precision": None},
+     {"onset_latest": dt.date(2021, 2, 28), "onset_precision": "month"}),
+    ({**LAB, "collected_on": "unknown"}, {"collected_on": dt.date(2021, 2, 28)}),
+])
+def test_input_fields_named_like_derived_ones_are_ignored(message: dict, derived: dict) -> None:
+    """SPEC: unknown extra fields are kept but ignored, whatever their name."""
+    event = parsed(message)
+    assert not isinstance(event, Rejection), event
+    assert {name: getattr(event, name) for name in derived} == derived
+
+
 BAD_DAYS = ["2021-03-10T99:99:00+00:00", "2021-03-10garbage", "2021-03-10 nonsense",
             "2021-03-10T", "2021-W10-3", "2021-W10-3T10:00"]
 
