@@ -139,7 +139,7 @@ def _replay_into(result: ReplayResult, lines: Iterable[tuple[int, bytes]],
     for number, raw in lines:
         try:
             event = decode_event(raw)  # parse_event's own first step, without its call
-        except (msgspec.DecodeError, UnicodeDecodeError):
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):  # see parse_event
             if not raw or raw.isspace():
                 continue  # a blank line holds no message (and is no JSON)
             read += 1

@@ -96,7 +96,7 @@ def test_broken_lines_are_listed_and_nothing_valid_is_lost(capsys, tmp_path) -> 
     good = [line for line in SAMPLE.read_bytes().splitlines()
             if line.startswith(b"{") and line.endswith(b"}") and b'"grade":7' not in line]
     broken = [b"garbage", b'{"type": "adverse_event"}', b'{"type":"infusion","trial_id":1}',
-              b"\xff\xfe not utf-8", b"[]"]
+              b"\xff\xfe not utf-8", b"[]", b'{"type":"infusion","x":' + b"[" * 5000 + b"}"]
     mixed = []
     for index, line in enumerate(good):
         mixed.append(line)
@@ -107,7 +107,7 @@ def test_broken_lines_are_listed_and_nothing_valid_is_lost(capsys, tmp_path) -> 
     clean = tmp_path / "clean.jsonl"
     clean.write_bytes(b"\n".join(good) + b"\n")
     got, want = replay_json(capsys, str(path)), replay_json(capsys, str(clean))
-    assert got["events"]["rejected"] == 5 and len(got["rejected"]) == 5
+    assert got["events"]["rejected"] == 6 and len(got["rejected"]) == 6
     for item in got["rejected"]:
         assert mixed[item["line"] - 1].decode("utf-8", "replace") == item["raw"]
         assert item["reason"] and "\n" not in item["reason"]

@@ -244,12 +244,16 @@ def parse_event(raw: bytes | str) -> Event | Rejection:
         return _decoder.decode(raw)
     except msgspec.DecodeError as exc:
         return _explain(raw, exc)
+    except RecursionError:  # msgspec's, for arrays or objects nested too deep
+        return _TOO_DEEP
     except UnicodeDecodeError:  # msgspec before 0.19; later ones raise DecodeError
         return _NOT_UTF8
 
 
 _NOT_UTF8 = Rejection(reason="not UTF-8 (a string holds an invalid byte); messages must be "
                              "UTF-8 JSON")
+_TOO_DEEP = Rejection(reason="nested too deep (arrays or objects inside each other, about a "
+                             "thousand levels or more); each message must be one event object")
 
 
 # --- the slow path: say what is wrong in a person's words --------------------------

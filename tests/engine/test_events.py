@@ -156,6 +156,9 @@ BAD = [
      "regulatory_report.submitted_at: '2021-03-01T10:00:00' has no UTC offset"),
     ({**BASE, "type": "lab_result", "test": "ALT", "value": "high", "unit": "U/L",
       "collected_at": "2021-02-28"}, "lab_result.value: expected float, got str"),
+    # what is actually wrong (these were "not a JSON object (got null)", raised, or misread)
+    (b'{"type": "infusion", "note": ' + b"[" * 100_000, "nested too deep"),
+    (b'{"type": "infusion", "note": ' + b'{"a": ' * 5_000 + b"1" + b"}" * 5_001, "nested too deep"),
     # the whole of a date or date-time, not only its first ten characters
     *[({**BASE, "type": "infusion", "infused_at": bad, "dose_number": 1},
        f"infusion.infused_at: '{bad}' is not an ISO 8601 date or date-time") for bad in BAD_DAYS],
