@@ -14,11 +14,11 @@ accepted and ignored; the raw bytes stay in the log or the topic.
 from __future__ import annotations
 
 import datetime as dt
+import math
 import re
 from typing import Annotated, Any, Literal
 
 import msgspec
-import orjson
 
 NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
 Grade = Annotated[int, msgspec.Meta(ge=1, le=5)]
@@ -252,6 +252,8 @@ def parse_event(raw: bytes | str) -> Event | Rejection:
 
 _NOT_UTF8 = Rejection(reason="not UTF-8 (a string holds an invalid byte); messages must be "
                              "UTF-8 JSON")
+_LONG_INTEGER = Rejection(reason="an integer out of range (thousands of digits); each message "
+                                 "must be one event object")
 _TOO_DEEP = Rejection(reason="nested too deep (arrays or objects inside each other, about a "
                              "thousand levels or more); each message must be one event object")
 
@@ -273,11 +275,10 @@ def _explain(raw: bytes | str, exc: msgspec.DecodeError) -> Rejection:
     if not raw.strip():
         return Rejection(reason="empty message; each line must be one JSON object")
     if not isinstance(exc, msgspec.ValidationError):
-        if "UTF-8" in str(exc) and not _is_utf8(raw):
-            return _NOT_UTF8
-        detail = str(exc).removeprefix("JSON is malformed: ")
-        return Rejection(reason=f"not JSON ({detail}); each line must be one JSON object")
+        return _not_json(raw, exc)
     doc = _loose(raw)
+    if isinstance(doc, Rejection):
+        return doc
     if not isinstance(doc, dict):
         kind = type(doc).__name__ if doc is not None else "null"
         return Rejection(reason=f"not a JSON object (got {_json_kind(kind)}); "
@@ -292,16 +293,41 @@ def _explain(raw: bytes | str, exc: msgspec.DecodeError) -> Rejection:
                      type=etype if etype in EVENT_TYPES else None)
 
 
+def _not_json(raw: bytes | str, exc: msgspec.DecodeError) -> Rejection:
+    if "UTF-8" in str(exc) and not _is_utf8(raw):
+        return _NOT_UTF8
+    detail = str(exc).removeprefix("JSON is malformed: ")
+    return Rejection(reason=f"not JSON ({detail}); each line must be one JSON object")
+
+
+class _Number(str):
+    """A JSON number as written, out of a float's range (1e999)."""
+
+
+def _float_or_text(text: str) -> float | _Number:
+    value = float(text)
+    return value if math.isfinite(value) else _Number(text)
+
+
+_plain = msgspec.json.Decoder(float_hook=_float_or_text).decode
+
+
 def _loose(raw: bytes | str) -> object:
+    """The message as plain values, read to its end (the typed decoder stops at the first
+    error); or a Rejection if that fails."""
     try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return None
+        return _plain(raw)
+    except RecursionError:
+        return _TOO_DEEP
+    except msgspec.ValidationError:  # what a float_hook does not see: a too long integer
+        return _LONG_INTEGER
+    except msgspec.DecodeError as exc:  # malformed after where the typed decoder stopped
+        return _not_json(raw, exc)
 
 
 def _json_kind(pytype: str) -> str:
     return {"list": "array", "str": "string", "int": "number", "float": "number",
-            "bool": "boolean"}.get(pytype, pytype)
+            "_Number": "number", "bool": "boolean"}.get(pytype, pytype)
 
 
 def _str_or_none(value: object) -> str | None:
@@ -331,6 +357,8 @@ def _field_message(field: str, value: object, what: str) -> str:
         return f"{value} is not a CTCAE grade (1-5)"
     if field in ("version", "dose_number") and isinstance(value, int):
         return f"{value} is not allowed; {field} counts from 1"
+    if "out of range" in what:  # a number as written (1e999) or an int beyond a float
+        return f"{value} is out of range (beyond a 64-bit float's 1.8e308)"
     if field in _ENUMS and "enum" in what:
         bad = re.search(r"'(.*)'", what)
         shown = bad.group(1) if bad else value

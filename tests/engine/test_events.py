@@ -157,8 +157,17 @@ BAD = [
     ({**BASE, "type": "lab_result", "test": "ALT", "value": "high", "unit": "U/L",
       "collected_at": "2021-02-28"}, "lab_result.value: expected float, got str"),
     # what is actually wrong (these were "not a JSON object (got null)", raised, or misread)
+    (b"[" * 100_000, "nested too deep"),
     (b'{"type": "infusion", "note": ' + b"[" * 100_000, "nested too deep"),
     (b'{"type": "infusion", "note": ' + b'{"a": ' * 5_000 + b"1" + b"}" * 5_001, "nested too deep"),
+    (orjson.dumps(LAB).replace(b"41.5", b"1e999"), "lab_result.value: 1e999 is out of range"),
+    (orjson.dumps({**LAB, "uln": 40}).replace(b"40", b"-2e308"),
+     "lab_result.uln: -2e308 is out of range"),
+    (orjson.dumps({**GOOD_AE, "grade": 7, "note": 1}).replace(b'"note":1', b'"note":1e999'),
+     "adverse_event.grade: 7 is not a CTCAE grade (1-5)"),
+    (b"1e999", "not a JSON object (got number)"),
+    (b"[1, 2", "not JSON"),
+    (b'{"type": "adverse_event", "grade": "3", ', "not JSON"),
     # the whole of a date or date-time, not only its first ten characters
     *[({**BASE, "type": "infusion", "infused_at": bad, "dose_number": 1},
        f"infusion.infused_at: '{bad}' is not an ISO 8601 date or date-time") for bad in BAD_DAYS],
