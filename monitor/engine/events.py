@@ -353,9 +353,10 @@ _ENUMS = {
 
 
 def _field_message(field: str, value: object, what: str) -> str:
-    if field == "grade" and isinstance(value, int) and not isinstance(value, bool):
+    an_int = isinstance(value, int) and not isinstance(value, bool)
+    if field == "grade" and an_int:
         return f"{value} is not a CTCAE grade (1-5)"
-    if field in ("version", "dose_number") and isinstance(value, int):
+    if field in ("version", "dose_number") and an_int:
         return f"{value} is not allowed; {field} counts from 1"
     if "out of range" in what:  # a number as written (1e999) or an int beyond a float
         return f"{value} is out of range (beyond a 64-bit float's 1.8e308)"

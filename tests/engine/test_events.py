@@ -168,6 +168,8 @@ BAD = [
     (b"1e999", "not a JSON object (got number)"),
     (b"[1, 2", "not JSON"),
     (b'{"type": "adverse_event", "grade": "3", ', "not JSON"),
+    ({**GOOD_AE, "version": True}, "adverse_event.version: expected int, got bool"),
+    ({**INFUSION, "dose_number": True}, "infusion.dose_number: expected int, got bool"),
     # the whole of a date or date-time, not only its first ten characters
     *[({**BASE, "type": "infusion", "infused_at": bad, "dose_number": 1},
        f"infusion.infused_at: '{bad}' is not an ISO 8601 date or date-time") for bad in BAD_DAYS],
