@@ -51,8 +51,10 @@ Outcome = Literal[
 ]
 Status = Literal["enrolled", "withdrawn", "lost_to_follow_up", "completed", "died"]
 
-_PARTIAL_DATE = re.compile(r"(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?(T[\d:.]+(?:Z|[+-]\d{2}:?\d{2})?)?")
-_GAP = re.compile(r"\d{4}-*-{2,}")
+# re.ASCII: \d is 0-9 only (ISO 8601 dates are ASCII; int() would read other digits)
+_PARTIAL_DATE = re.compile(r"(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?(T[\d:.]+(?:Z|[+-]\d{2}:?\d{2})?)?",
+                           re.ASCII)
+_GAP = re.compile(r"\d{4}-*-{2,}", re.ASCII)
 
 
 class BadValue(ValueError):

@@ -126,6 +126,9 @@ BAD = [
      "adverse_event.onset: '2021-02T10:00:00Z' has a time after a partial date"),
     ({**GOOD_AE, "onset": "2021T10:00"}, "adverse_event.onset: '2021T10:00' has a time after a "
      "partial date"),
+    ({**GOOD_AE, "onset": "٢٠٢١-٠٢"},  # Arabic-Indic digits: ISO 8601 dates are ASCII
+     "adverse_event.onset: '٢٠٢١-٠٢' is not an ISO 8601 date"),
+    ({**GOOD_AE, "onset": "2021-0٢"}, "adverse_event.onset: '2021-0٢' is not an ISO 8601 date"),
     ({**GOOD_AE, "onset": "2021-02-20T99:99"},
      "adverse_event.onset: '2021-02-20T99:99' is not an ISO 8601 date-time"),
     ({**GOOD_AE, "onset": "2021-02-20T1:2:3:4"},
