@@ -13,9 +13,12 @@ accepted and ignored; the raw bytes stay in the log or the topic.
 
 from __future__ import annotations
 
+import contextvars
 import datetime as dt
 import math
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -55,6 +58,23 @@ Status = Literal["enrolled", "withdrawn", "lost_to_follow_up", "completed", "die
 _PARTIAL_DATE = re.compile(r"(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?(T[\d:.]+(?:Z|[+-]\d{2}:?\d{2})?)?",
                            re.ASCII)
 _GAP = re.compile(r"\d{4}-*-{2,}", re.ASCII)
+# how builds before 2026-12-03 read an onset: digits of any script, any time unchecked
+_LOOSE_DATE = re.compile(r"(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?(?:T[\d:.]+(?:Z|[+-]\d{2}:?\d{2})?)?")
+
+# True while `records` reads back stored messages: those an earlier build accepted are
+# read as it read them (it checked dates less strictly), not rejected, so that a worker
+# loads the state it wrote. Consulted only when a date fails the strict reading.
+_STORED = contextvars.ContextVar("stored", default=False)
+
+
+@contextmanager
+def reading_stored() -> Iterator[None]:
+    """Decode stored messages (the worker's records) inside this block."""
+    token = _STORED.set(True)
+    try:
+        yield
+    finally:
+        _STORED.reset(token)
 
 
 class BadValue(ValueError):
@@ -66,6 +86,11 @@ def parse_day(field: str, text: str) -> dt.date:
     try:
         return _day(text)
     except ValueError:
+        if _STORED.get() and len(text) >= 10:  # as builds before 2026-12-03 read it
+            try:
+                return dt.date.fromisoformat(text[:10])
+            except ValueError:
+                pass
         raise BadValue(f"{field}: '{text}' is not an ISO 8601 date or date-time (YYYY-MM-DD "
                        "or e.g. 2021-03-01T09:30:00+00:00)") from None
 
@@ -83,14 +108,15 @@ def _day(text: str) -> dt.date:
     raise ValueError(text)
 
 
-def partial_date_range(field: str, text: str) -> tuple[dt.date, dt.date, str]:
+def partial_date_range(field: str, text: str, loose: bool = False
+                       ) -> tuple[dt.date, dt.date, str]:
     """(earliest, latest, precision) that a possibly partial ISO 8601 date allows.
 
     ``2021`` -> (2021-01-01, 2021-12-31, "year"); ``2021-03`` -> (2021-03-01,
     2021-03-31, "month"); ``2021-03-05`` -> (that day, that day, "day"). A date with an
     interior gap (``2019---07``, unknown month but known day) is rejected, and so is a
     time after a partial date (``2021-03T10:00``): as in SDTM --DTC, only a full date
-    takes one.
+    takes one. ``loose``: as builds before 2026-12-03 read it (`_LOOSE_DATE`).
     """
     if len(text) == 10 and text[4] == "-" and text[7] == "-":
         try:
@@ -101,10 +127,10 @@ def partial_date_range(field: str, text: str) -> tuple[dt.date, dt.date, str]:
     if _GAP.match(text):
         raise BadValue(f"{field}: '{text}' has a gap inside the date (a known part after an "
                        "unknown one); give YYYY, YYYY-MM or YYYY-MM-DD")
-    m = _PARTIAL_DATE.fullmatch(text)
+    m = (_LOOSE_DATE if loose else _PARTIAL_DATE).fullmatch(text)
     if m is None:
         raise BadValue(f"{field}: '{text}' is not an ISO 8601 date (YYYY, YYYY-MM or YYYY-MM-DD)")
-    year, month, day, time = m.groups()
+    year, month, day, time = (*m.groups(), None) if loose else m.groups()
     if time is not None and day is None:
         raise BadValue(f"{field}: '{text}' has a time after a partial date; only a full date "
                        "takes a time (YYYY-MM-DDThh:mm)")
@@ -170,7 +196,12 @@ class AdverseEvent(BaseEvent, tag="adverse_event"):
     onset_precision: Derived = "day"  # "day", "month" or "year"
 
     def __post_init__(self) -> None:
-        lo, hi, precision = partial_date_range("onset", self.onset)
+        try:
+            lo, hi, precision = partial_date_range("onset", self.onset)
+        except BadValue:
+            if not _STORED.get():
+                raise
+            lo, hi, precision = partial_date_range("onset", self.onset, loose=True)
         self.onset_earliest, self.onset_latest, self.onset_precision = lo, hi, precision
         reported = self.recorded_at.date()
         if lo > reported:

@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import msgspec
 
-from .events import AdverseEvent
+from .events import AdverseEvent, reading_stored
 from .rules import TrialRules
 from .state import (
     AE,
@@ -121,6 +121,12 @@ def load(trial_id: str, rules: TrialRules | None, rows: Iterable[tuple[str, byte
     """A trial's state from its rows (any order), with the journal of its last
     checkpoint: the next checkpoint must carry that journal on until its rows are
     written again. Unknown keys are an error."""
+    with reading_stored():  # what an earlier build stored loads as it read it
+        return _load(trial_id, rules, rows)
+
+
+def _load(trial_id: str, rules: TrialRules | None, rows: Iterable[tuple[str, bytes]]
+          ) -> Loaded:
     checkpoint, latest = None, {}
     for key, value in rows:
         if key.startswith(TRIAL + SEP):

@@ -16,6 +16,7 @@ ALLOWED_IMPORTS = {
     "__future__", "bisect", "calendar", "sys", "collections", "dataclasses", "datetime",
     "functools", "hashlib", "itertools", "math", "operator", "re", "statistics", "typing",
     "types", "enum",
+    "contextlib", "contextvars",  # events.reading_stored: a scope, set by records.load
     "msgspec", "orjson", "pydantic", "yaml", "numpy", "scipy",
 }
 IO_LIBRARIES = ("faust", "aiokafka", "aiosmtplib", "aiosmtpd", "prometheus_client", "aiohttp",

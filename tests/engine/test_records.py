@@ -6,9 +6,11 @@ from __future__ import annotations
 import datetime as dt
 import random
 
+import msgspec
 import orjson
 
 from monitor.engine import records
+from monitor.engine.events import parse_event
 from monitor.engine.report import trial_report
 from monitor.engine.rules import parse_rules
 from monitor.engine.state import (
@@ -203,3 +205,43 @@ def test_the_latest_event_does_not_depend_on_arrival_or_load_order() -> None:
         rows = rows_of(trial)
         for shuffled in (rows, rows[::-1]):
             assert records.load_trial(TRIAL, RULES_ISC, shuffled).counts.last_event_id == "e-3"
+
+
+def test_messages_an_earlier_build_stored_load_as_it_read_them() -> None:
+    """Builds before 2026-12-03 read dates less strictly (the first ten characters of
+    infused_at; a time after a partial onset). What they stored loads as they read it,
+    so that a worker loads its state after an upgrade; new messages are held to the
+    stricter reading."""
+    trial = new_trial(TRIAL, RULES_ISC)
+    given = infusion("S1", "2021-01-01")
+    first = ae("S1", "A", "2021-02", recorded_at="2021-03-01T09:00:00+00:00")
+    for position, message in enumerate((given, first)):
+        assert step(trial, event(message), position=position)[1].outcome == ACCEPTED
+    loose = {given["event_id"]: ("infused_at", "2021-01-01garbage"),
+             first["event_id"]: ("onset", "2021-02T10:00")}
+
+    def as_stored(value: object) -> object:  # the loose values, where they are stored
+        if isinstance(value, dict):
+            changed = {key: as_stored(item) for key, item in value.items()}
+            if changed.get("event_id") in loose:
+                name, text = loose[changed["event_id"]]
+                changed[name] = text
+            return changed
+        return [as_stored(item) for item in value] if isinstance(value, list) else value
+
+    rows = [(key, value if key.startswith("t") else orjson.dumps(as_stored(orjson.loads(value))))
+            for key, value in rows_of(trial)]
+    assert all(text.encode() in b"".join(value for _, value in rows)
+               for _, text in loose.values())
+    loaded = records.load_trial(TRIAL, RULES_ISC, rows)
+    assert loaded.subjects["S1"].infusions[0].infused_on == dt.date(2021, 1, 1)
+    stored = loaded.subjects["S1"].aes["A"].current
+    assert (stored.onset, stored.onset_earliest, stored.onset_precision) == (
+        "2021-02T10:00", dt.date(2021, 2, 1), "month")
+    before, after = trial_report(trial, AS_OF), trial_report(loaded, AS_OF)
+    assert [item.pop("onset") for item in after["imputed_onsets"]] == ["2021-02T10:00"]
+    assert [item.pop("onset") for item in before["imputed_onsets"]] == ["2021-02"]
+    assert after == before
+    for message in (given, first):  # a new message is read strictly, after a load too
+        name, text = loose[message["event_id"]]
+        assert "reason" in msgspec.structs.asdict(parse_event(encode({**message, name: text})))
