@@ -66,8 +66,8 @@ class AlertTransition(msgspec.Struct, frozen=True, kw_only=True):
     transition: str
     event_id: str
     recorded_at: dt.datetime
-    value: float
-    threshold: float
+    value: int | float  # a count is an int, and shows as one
+    threshold: int | float
     evidence: tuple[EvidenceItem, ...] = ()
     added: tuple[str, ...] = ()
     removed: tuple[str, ...] = ()
