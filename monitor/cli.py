@@ -9,13 +9,14 @@ import sys
 from pathlib import Path
 
 import orjson
+from pydantic import ValidationError
 from rich.console import Console
 
 from .cli_email import add_email_command, add_send_email_options, replay_outbox
 from .engine.rules import RulesError
 from .replay import LogUnreadable, open_log, parse_as_of, read_lines, replaying_once
 from .rules_loader import load_rules_dir, rule_files
-from .settings import Settings
+from .settings import Settings, settings_problems
 from .shards import replay_log
 
 EXIT_OK, EXIT_UNREADABLE, EXIT_USAGE = 0, 1, 2
@@ -34,6 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
         return args.run(args)
+    except ValidationError as exc:
+        if exc.title != Settings.__name__:
+            err.print(f"[red]error:[/] {exc}")
+            return EXIT_USAGE
+        err.print("[red]settings error:[/]\n" + "\n".join(f"  {line}" for line in
+                                                       settings_problems(exc)))
+        return EXIT_USAGE
     except (UsageError, ValueError) as exc:
         err.print(f"[red]error:[/] {exc}")
         return EXIT_USAGE
@@ -178,12 +186,18 @@ def _add_replay(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--jobs", type=_jobs, metavar="N", help="processes that share the log's "
                    "trials (default: 2 on two cores or more for a log file of 64 MiB or "
                    "more, else 1); --send-email and --metrics-port replay in one")
-    p.add_argument("--metrics-port", type=int, metavar="PORT", help="serve the replay's "
+    p.add_argument("--metrics-port", type=_port, metavar="PORT", help="serve the replay's "
                    "Prometheus metrics at http://MONITOR_WEB_HOST:PORT/metrics while it runs")
     p.add_argument("--metrics-hold", type=float, default=0, metavar="SECONDS", help="with "
                    "--metrics-port: keep serving this long after the report (Ctrl-C stops)")
     add_send_email_options(p)
     p.set_defaults(run=run_replay)
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0-65535)")
+    return int(text)
 
 
 def _jobs(text: str) -> int:

@@ -435,8 +435,13 @@ class ReplayExporter:
 
     def __enter__(self) -> ReplayExporter:
         if self.port is not None:
-            self._server, _thread = start_http_server(self.port, self.host,
-                                                      registry=self.registry)
+            try:
+                self._server, _thread = start_http_server(self.port, self.host,
+                                                          registry=self.registry)
+            except (OSError, OverflowError) as exc:  # in use, or no such address here
+                raise ValueError(f"--metrics-port {self.port}: cannot serve metrics at "
+                                 f"{self.host}:{self.port} (MONITOR_WEB_HOST): "
+                                 f"{getattr(exc, 'strerror', None) or exc}") from None
         return self
 
     def __exit__(self, *exc_info: object) -> None:

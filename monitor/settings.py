@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -67,3 +67,18 @@ class Settings(BaseSettings):
         if not value.startswith("kafka://"):
             raise ValueError(f"{value!r} is not a kafka:// URL (e.g. kafka://localhost:9092)")
         return value
+
+
+def settings_problems(exc: ValidationError) -> list[str]:
+    """One line per invalid setting, naming its environment variable (a secret's value is
+    not shown)."""
+    lines = []
+    for error in exc.errors(include_url=False):
+        name = "_".join(str(part) for part in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        field = Settings.model_fields.get(name)
+        secret = field is not None and "SecretStr" in str(field.annotation)
+        shown = not secret and "input" in error and error["type"] != "value_error"
+        given = f" (got {error['input']!r})" if shown else ""  # a value error names it
+        lines.append(f"MONITOR_{name.upper()}: {message}{given}")
+    return lines

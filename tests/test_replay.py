@@ -146,6 +146,35 @@ def test_exit_status_and_one_line_errors(capsys, args, status, message) -> None:
     assert message in err and "Traceback" not in err
 
 
+def test_an_invalid_setting_is_one_line_naming_its_variable(capsys, monkeypatch) -> None:
+    monkeypatch.setenv("MONITOR_WEB_PORT", "notaport")
+    monkeypatch.setenv("MONITOR_SMTP_TLS", "bogus")
+    monkeypatch.setenv("MONITOR_SMTP_PASSWORD", "hunter2")  # valid: not shown either way
+    assert main(["replay", str(SAMPLE), "--rules", str(RULES)]) == 2
+    err = capsys.readouterr().err
+    assert "MONITOR_WEB_PORT: Input should be a valid integer" in err
+    assert "(got 'notaport')" in err and "MONITOR_SMTP_TLS" in err
+    assert "pydantic" not in err and "hunter2" not in err and "Traceback" not in err
+
+
+def test_a_metrics_port_that_cannot_be_served_is_a_usage_error(capsys) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["replay", str(SAMPLE), "--rules", str(RULES),
+                     "--metrics-port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"--metrics-port {port}: cannot serve metrics at 127.0.0.1:{port}" in err
+    assert "Traceback" not in err
+    with pytest.raises(SystemExit) as stop:  # argparse: exit status 2
+        main(["replay", str(SAMPLE), "--metrics-port", "70000"])
+    assert stop.value.code == 2
+    assert "'70000' is not a port number (0-65535)" in capsys.readouterr().err
+
+
 def test_a_corrupt_gzip_log_exits_1(capsys, tmp_path) -> None:
     path = tmp_path / "cut.jsonl.gz"
     path.write_bytes(gzip.compress(SAMPLE.read_bytes())[:3000])
