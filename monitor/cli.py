@@ -1,6 +1,7 @@
 """``safety-monitor``: the command line. Thin: parse arguments, build `Settings`, call
 the module that does the work, turn a user's mistake into one clear line and an exit
-status (0 done, 1 input could not be read, 2 usage or rules error)."""
+status (0 done, 1 input or broker could not be reached, 2 usage, settings or rules
+error)."""
 
 from __future__ import annotations
 
@@ -137,11 +138,15 @@ def settings_from(args: argparse.Namespace, **extra: object) -> Settings:
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    from .runner import run_worker_process
+    from .runner import BrokerUnreachable, run_worker_process
 
     settings = settings_from(args)
     catalog = load_rules_dir(settings.rules_dir)
-    return run_worker_process(settings, catalog, args.loglevel)
+    try:
+        return run_worker_process(settings, catalog, args.loglevel)
+    except BrokerUnreachable as exc:
+        Console(stderr=True, highlight=False, soft_wrap=True).print(f"[red]error:[/] {exc}")
+        return EXIT_UNREADABLE
 
 
 def _add_publish(sub: argparse._SubParsersAction) -> None:

@@ -11,7 +11,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .engine.rules import TrialRules
-from .settings import Settings
+from .settings import Settings, broker_servers
+
+BROKER_CONNECT_TIMEOUT = 5.0  # seconds, for the check that a configured broker answers
+
+
+class BrokerUnreachable(Exception):
+    """No broker of MONITOR_BROKER accepts a connection: exit status 1."""
 
 
 @contextlib.contextmanager
@@ -37,8 +43,8 @@ def run_worker_process(settings: Settings, catalog: dict[str, TrialRules],
                        loglevel: str = "warning") -> int:
     from faust.worker import Worker
 
+    check_environment(settings)
     with broker_for(settings) as settings:
-        settings.state_dir.mkdir(parents=True, exist_ok=True)
         # faust's "buffer full" warning of its producer buffer (100 messages) is no
         # problem: the state rows bypass it (`ConfirmedTable.write`), alerts need not
         logging.getLogger("faust.transport.producer").setLevel(logging.ERROR)
@@ -52,6 +58,38 @@ def run_worker_process(settings: Settings, catalog: dict[str, TrialRules],
         except SystemExit as exc:
             return int(exc.code or 0)
     return 0
+
+
+def check_environment(settings: Settings) -> None:
+    """What the worker needs from this host, checked before faust starts, so that a
+    mistake is one line rather than a traceback: the state folder (created), the web
+    port (free), and a configured broker (answers). ValueError names the setting;
+    `BrokerUnreachable` when no broker answers."""
+    import socket
+
+    try:
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"MONITOR_STATE_DIR {settings.state_dir}: cannot create the "
+                         f"folder: {exc.strerror or exc}") from None
+    try:
+        with socket.create_server((settings.web_host, settings.web_port)):
+            pass
+    except OSError as exc:
+        raise ValueError(f"MONITOR_WEB_PORT {settings.web_port}: cannot listen on "
+                         f"{settings.web_host}:{settings.web_port} (MONITOR_WEB_HOST): "
+                         f"{exc.strerror or exc}") from None
+    if settings.broker is None:
+        return  # the embedded broker starts next
+    failures = []
+    for host, port in broker_servers(settings.broker):
+        try:
+            with socket.create_connection((host, int(port)), BROKER_CONNECT_TIMEOUT):
+                return
+        except OSError as exc:
+            failures.append(f"{host}:{port}: {exc.strerror or exc}")
+    raise BrokerUnreachable(f"MONITOR_BROKER: no broker answers ({'; '.join(failures)}); "
+                            "is Kafka running and reachable from here?")
 
 
 def worker_app(settings: Settings, catalog: dict[str, TrialRules]):  # noqa: ANN201

@@ -20,7 +20,7 @@ class Settings(BaseSettings):
     broker: str | None = Field(None, description="Kafka URL, e.g. kafka://host:9092; "
                                                  "unset = start an embedded local broker")
     rules_dir: Path = Field(Path("rules"), description="folder of one YAML rules file per trial")
-    web_port: int = Field(6066, ge=0, le=65535, description="port of /status, /metrics, "
+    web_port: int = Field(6066, ge=1, le=65535, description="port of /status, /metrics, "
                                                              "/healthz and /readyz")
     web_host: str = Field("127.0.0.1", description="address the web port binds to")
     state_dir: Path = Field(Path(".state"), description="where the worker keeps its local "
@@ -66,7 +66,30 @@ class Settings(BaseSettings):
             return None
         if not value.startswith("kafka://"):
             raise ValueError(f"{value!r} is not a kafka:// URL (e.g. kafka://localhost:9092)")
+        for host, port in broker_servers(value):
+            if not host or not (port.isdigit() and 1 <= int(port) <= 65535):
+                raise ValueError(f"{value!r} names no broker as host:port "
+                                 "(e.g. kafka://localhost:9092)")
         return value
+
+    @field_validator("store")
+    @classmethod
+    def _table_store(cls, value: str) -> str:
+        if value not in ("rocksdb://", "memory://"):
+            raise ValueError(f"{value!r} is not a table store: rocksdb:// (durable, the "
+                             "default) or memory:// (tests)")
+        return value
+
+
+def broker_servers(url: str) -> list[tuple[str, str]]:
+    """(host, port) of each broker in a ``kafka://`` URL (several: ``;`` or ``,``
+    between them, each with or without its own ``kafka://``; 9092 when no port)."""
+    servers = []
+    for part in url.replace(",", ";").split(";"):
+        server = part.strip().removeprefix("kafka://")
+        host, _, port = server.rpartition(":") if ":" in server else (server, "", "9092")
+        servers.append((host, port))
+    return servers
 
 
 def settings_problems(exc: ValidationError) -> list[str]:
