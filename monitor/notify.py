@@ -179,11 +179,19 @@ def drop_torn_tail(path: Path) -> None:
 def read_log_lines(path: Path) -> Iterable[tuple[str, dict]]:
     if not path.exists():
         return
-    for raw in path.read_bytes().splitlines():
+    for number, raw in enumerate(path.read_bytes().splitlines(), 1):
+        if not raw.strip():
+            continue
         try:
             entry = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            log.warning("%s: skipping a torn line of the notification log", path)
+            entry = None
+        if not isinstance(entry, dict) or not isinstance(entry.get("key"), str):
+            # a torn or edited line: skipping it may send its alert's e-mail again, which
+            # beats a worker that cannot start
+            log.warning("%s line %d: not an entry of the notification log (a JSON object "
+                        "with a \"key\"); skipped: its alert may be e-mailed again",
+                        path, number)
             continue
         yield entry.pop("key"), entry
 

@@ -450,6 +450,21 @@ async def test_a_restarted_notifier_with_the_same_log_sends_no_duplicates(
     assert all(JsonLinesLog(path).was_sent(a.key) for a in alerts)
 
 
+def test_a_line_that_is_no_entry_is_skipped_with_its_line_number(tmp_path: Path,
+                                                                caplog) -> None:
+    """An edited or damaged notification log still opens (the worker starts); each line
+    that is no entry is named, and only it is forgotten."""
+    path = tmp_path / "notifications.jsonl"
+    path.write_bytes(b'{"key": "A#1", "outcome": "sent"}\n[1, 2]\n{"outcome": "sent"}\n'
+                     b'\n{"key": 7}\nnot json\n{"key": "B#1", "outcome": "sent"}\n')
+    with caplog.at_level("WARNING"):
+        opened = JsonLinesLog(path)
+    assert opened.was_sent("A#1") and opened.was_sent("B#1")
+    assert opened.info("A#1") == {"outcome": "sent"}
+    skipped = [r.getMessage() for r in caplog.records if "not an entry" in r.getMessage()]
+    assert [m.split(": not")[0] for m in skipped] == [f"{path} line {n}" for n in (2, 3, 5, 6)]
+
+
 async def test_a_combined_log_skips_what_either_log_holds(smtp_server: LocalMailbox, sample,
                                                          tmp_path: Path) -> None:
     catalog, alerts = sample
