@@ -291,6 +291,12 @@ def run_rules_check(args: argparse.Namespace) -> int:
     for trial_id, rules in catalog.items():
         kinds = ", ".join(f"{r.id} ({r.kind}, {r.severity})" for r in rules.rules)
         out.print(f"   {trial_id}: {len(rules.rules)} rules: {kinds}")
+        for severity in ("halt", "pause", "review"):
+            unaddressed = [r.id for r in rules.rules if r.severity == severity]
+            if unaddressed and not getattr(rules.recipients, severity):
+                out.print(f"[yellow]warning:[/] {trial_id}: no recipients.{severity}, so the "
+                          f"alerts of {', '.join(unaddressed)} cannot be e-mailed (replay "
+                          "and metrics still show them)")
     if not catalog:
         out.print(f"[yellow]warning:[/] {folder} holds no rules files; no trial is watched")
     return EXIT_OK

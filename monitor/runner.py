@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,6 +44,9 @@ def run_worker_process(settings: Settings, catalog: dict[str, TrialRules],
                        loglevel: str = "warning") -> int:
     from faust.worker import Worker
 
+    if not settings.smtp_host:
+        print("no MONITOR_SMTP_HOST: alerts go to the alerts topic, /status and /metrics, "
+              "but no e-mail is sent", file=sys.stderr, flush=True)
     check_environment(settings)
     with broker_for(settings) as settings:
         # faust's "buffer full" warning of its producer buffer (100 messages) is no

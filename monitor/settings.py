@@ -7,6 +7,8 @@ options where a person would type them). Nothing else in the package reads
 
 from __future__ import annotations
 
+import re
+import ssl
 from pathlib import Path
 from typing import Literal
 
@@ -70,6 +72,26 @@ class Settings(BaseSettings):
             if not host or not (port.isdigit() and 1 <= int(port) <= 65535):
                 raise ValueError(f"{value!r} names no broker as host:port "
                                  "(e.g. kafka://localhost:9092)")
+        return value
+
+    @field_validator("smtp_from")
+    @classmethod
+    def _mailbox(cls, value: str) -> str:
+        if not re.fullmatch(r"[^@\s<>\"]+@[^@\s<>\"]+", value):
+            raise ValueError(f"{value!r} is not an e-mail address (e.g. "
+                             "safety-monitor@example.org, no display name)")
+        return value
+
+    @field_validator("smtp_ca_file")
+    @classmethod
+    def _ca_bundle(cls, value: Path | None) -> Path | None:
+        if value is None:
+            return None
+        try:  # here, once, rather than at every delivery attempt, retried for ever
+            ssl.create_default_context(cafile=str(value))
+        except OSError as exc:  # ssl.SSLError too: a file that holds no PEM certificate
+            raise ValueError(f"{str(value)!r} is not a readable PEM bundle of CA "
+                             f"certificates: {exc.strerror or exc}") from None
         return value
 
     @field_validator("store")

@@ -81,7 +81,17 @@ def test_loader_rejects_two_files_for_one_trial(tmp_path: Path) -> None:
 
 def test_rules_check_command(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["rules", "check", str(ROOT / "rules")]) == 0
-    assert "ISC.19.29" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "ISC.19.29" in out and "warning" not in out
+    (tmp_path / "t.yaml").write_text(
+        "trial_id: T.1\nrecipients: {review: [dsmb@example.org]}\nrules:\n"
+        "  - {id: any-death, kind: count, severity: halt, threshold: 1, match: {fatal: true}}\n"
+        "  - {id: many, kind: count, severity: review, threshold: 9}\n")
+    assert main(["rules", "check", str(tmp_path)]) == 0  # a warning: replay needs none
+    out = capsys.readouterr().out
+    assert "warning: T.1: no recipients.halt, so the alerts of any-death cannot be e-mailed" \
+        in out and "recipients.review" not in out
+    (tmp_path / "t.yaml").unlink()
     shutil.copy(BAD / "unknown-field.yaml", tmp_path)
     assert main(["rules", "check", str(tmp_path)]) == 2
     err = capsys.readouterr().err

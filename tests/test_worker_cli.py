@@ -30,6 +30,10 @@ def worker(capsys: pytest.CaptureFixture, tmp_path: Path, *args: str) -> tuple[i
     ("MONITOR_BROKER", "kafka://", "MONITOR_BROKER: 'kafka://' names no broker as host:port"),
     ("MONITOR_BROKER", "kafka://host:port", "names no broker as host:port"),
     ("MONITOR_WEB_PORT", "0", "MONITOR_WEB_PORT: Input should be greater than or equal to 1"),
+    ("MONITOR_SMTP_FROM", "Safety <a@b.org>", "MONITOR_SMTP_FROM: 'Safety <a@b.org>' is not an"),
+    ("MONITOR_SMTP_FROM", "a@b.org\r\nBcc: x@y.org", "is not an e-mail address"),
+    ("MONITOR_SMTP_CA_FILE", "no/such.pem", "'no/such.pem' is not a readable PEM bundle of CA"),
+    ("MONITOR_SMTP_CA_FILE", __file__, "is not a readable PEM bundle of CA certificates"),
 ])
 def test_a_bad_setting_is_one_line_and_exit_2(capsys, tmp_path, monkeypatch, env, value,
                                               message) -> None:
@@ -59,6 +63,6 @@ def test_a_web_port_in_use_is_one_line(capsys, tmp_path) -> None:
 def test_a_broker_that_does_not_answer_is_one_line_and_exit_1(capsys, tmp_path) -> None:
     dead = free_port()  # nothing listens there now
     status, err = worker(capsys, tmp_path, "--broker", f"kafka://127.0.0.1:{dead}")
-    assert status == 1
+    assert status == 1 and "no MONITOR_SMTP_HOST: alerts go to the alerts topic" in err
     assert f"MONITOR_BROKER: no broker answers (127.0.0.1:{dead}: Connection refused)" in err
     assert "Traceback" not in err
