@@ -56,6 +56,7 @@ __all__ = ["Carrier", "ConfirmedTable", "OffsetGuard", "commit_offset", "current
            "until_read"]
 
 Partition = tuple[str, int]  # (topic, partition)
+Servers = str | list[str]  # aiokafka's bootstrap_servers: "host:port", or several
 log = logging.getLogger(__name__)
 
 
@@ -141,7 +142,7 @@ class OffsetGuard:
         return (expected, offset) if expected is not None and offset > expected else None
 
 
-async def fetch_range(bootstrap: str, topic: str, partition: int, start: int, end: int,
+async def fetch_range(bootstrap: Servers, topic: str, partition: int, start: int, end: int,
                       timeout: float = 30.0) -> list[Any]:
     """The records of a partition from offset ``start`` up to ``end`` (excluded), read
     with a consumer of no group (nothing committed, no rebalance). Offsets the topic
@@ -166,7 +167,7 @@ async def fetch_range(bootstrap: str, topic: str, partition: int, start: int, en
         await consumer.stop()
 
 
-async def undelivered(guard: OffsetGuard, consumer: Any, bootstrap: str, message: Any
+async def undelivered(guard: OffsetGuard, consumer: Any, bootstrap: Servers, message: Any
                       ) -> tuple[list[Any], range]:
     """The records faust fetched but never delivered before ``message`` (read again with
     `read_hole`), and their offsets, to `mark_acked` once they are handled."""
@@ -186,7 +187,7 @@ def sync(guard: OffsetGuard, consumer: Any, topic: str) -> None:
                     source=positions)
 
 
-async def read_hole(bootstrap: str, partition: Partition, hole: tuple[int, int]) -> list[Any]:
+async def read_hole(bootstrap: Servers, partition: Partition, hole: tuple[int, int]) -> list[Any]:
     """`fetch_range` for offsets faust did not deliver, tried again until the broker
     answers: the agent cannot go on without them (as with the broker's writes)."""
     (topic, number), (start, end) = partition, hole
@@ -209,7 +210,7 @@ async def until_read(read: Callable[[], Awaitable[Any]], what: str) -> Any:
             delay = min(delay * 2, 30.0)
 
 
-async def read_since(bootstrap: str, topic: str, starts: Mapping[int, int],
+async def read_since(bootstrap: Servers, topic: str, starts: Mapping[int, int],
                      pick: Callable[[Any], Any], idle: float = 30.0
                      ) -> tuple[set[Any], dict[int, int]]:
     """``pick(record)`` of the records of every partition ``p`` of a topic from offset
@@ -262,7 +263,7 @@ class Carrier:
         self.message = message
 
 
-async def fill_tails(guard: OffsetGuard, consumer: Any, bootstrap: str, topic: str,
+async def fill_tails(guard: OffsetGuard, consumer: Any, bootstrap: Servers, topic: str,
                      handle: Callable[[Partition, list[Any]], Awaitable[None]]) -> int:
     """For an agent's timer: read the records faust fetched at the end of partitions of
     ``topic`` and never delivered (`OffsetGuard.tails`), await ``handle(partition,

@@ -464,7 +464,7 @@ def build_app(settings: Settings, catalog: dict[str, TrialRules],
     return app, pipeline
 
 
-async def emitted_alerts(app: Any, pipeline: Pipeline, sink: Sink, servers: str,
+async def emitted_alerts(app: Any, pipeline: Pipeline, sink: Sink, servers: list[str],
                          alerts_topic: str) -> None:
     """After a load: the alert transitions sent since the checkpoints loaded
     (`Pipeline.found`). A worker that died after sending a batch's alerts and before
@@ -518,7 +518,7 @@ class Refetched(NamedTuple):
     carrier: Any  # faust's event
 
 
-async def admitted(app: Any, pipeline: Pipeline, guard: OffsetGuard, servers: str,
+async def admitted(app: Any, pipeline: Pipeline, guard: OffsetGuard, servers: list[str],
                    batch_events: list[Any], filled: list[tuple[Any, range]]) -> list[Any]:
     """The events of a batch to step, in order, with what faust never delivered.
 

@@ -87,3 +87,22 @@ async def test_mailbox_outage_refuses_mail_then_recovers_on_the_same_port(
     await aiosmtplib.send(alert_email("dsmb@example.org"), hostname="127.0.0.1", port=port)
     assert smtp_server.port == port
     assert len(smtp_server.messages()) == 1
+
+
+async def test_publish_takes_a_url_of_several_brokers(kafka_broker: str,
+                                                      kafka_bootstrap_servers: str) -> None:
+    """``kafka://a:1;b:2``: the clients try each broker; a dead first one is passed over."""
+    from monitor.embedded import free_port
+    from monitor.publish import publish
+
+    topic = unique("several")
+    url = f"kafka://127.0.0.1:{free_port()};{kafka_broker}"
+    assert await publish(url, topic, [b'{"trial_id": "T.1"}', b'{"trial_id": "T.2"}'], 1) == 2
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=kafka_bootstrap_servers,
+                                group_id=unique("several-group"), auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        records = [await consumer.getone(), await consumer.getone()]
+    finally:
+        await consumer.stop()
+    assert [r.key for r in records] == [b"T.1", b"T.2"]
