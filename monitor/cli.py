@@ -89,6 +89,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    from .demo import DemoFailed
     from .demo import run_demo as demo
 
     settings = settings_from(args)
@@ -96,7 +97,11 @@ def run_demo(args: argparse.Namespace) -> int:
     log = Path(args.log)
     if not log.is_file():
         raise LogUnreadable(f"{log}: no such log")
-    return demo(settings, log, args.exit_when_done)
+    try:
+        return demo(settings, log, args.exit_when_done)
+    except DemoFailed as exc:
+        Console(stderr=True, highlight=False, soft_wrap=True).print(f"[red]error:[/] {exc}")
+        return EXIT_UNREADABLE
 
 
 def _rules_dir(value: str | None) -> Path:

@@ -30,6 +30,11 @@ from .runner import broker_for
 from .settings import Settings
 
 
+class DemoFailed(Exception):
+    """The worker stopped, or did not get there in time; the message ends with the last
+    lines of its log and where the log is."""
+
+
 def settings_env(settings: Settings) -> dict[str, str]:
     """The settings as MONITOR_* variables, for a child process."""
     env = {}
@@ -86,12 +91,22 @@ def wait_until(check: Callable[[], object], timeout: float, what: str,
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"the worker stopped while {what}; its log: {log_path}")
+            raise DemoFailed(f"the worker stopped while {what}:{_tail(log_path)}\n"
+                             f"its log: {log_path}")
         value = check()
         if value:
             return value
         time.sleep(0.5)
-    raise RuntimeError(f"timed out while {what}; the worker's log: {log_path}")
+    raise DemoFailed(f"timed out while {what}:{_tail(log_path)}\nthe worker's log: {log_path}")
+
+
+def _tail(log_path: Path, lines: int = 5) -> str:
+    try:
+        text = log_path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return " (no log)"
+    kept = [line for line in text.splitlines() if line.strip()][-lines:]
+    return "".join(f"\n  {line}" for line in kept) or " (its log is empty)"
 
 
 def processed(status: object) -> int:
@@ -105,10 +120,12 @@ def run_demo(settings: Settings, log_path: Path, exit_when_done: bool) -> int:
     out = Console(highlight=False, soft_wrap=True)
     lines = [line for line in log_path.read_bytes().splitlines() if line.strip()]
     valid = sum(type(parse_event(line)) is not Rejection for line in lines)
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    # here, not in the folder of an embedded broker's run, which goes when the demo ends
+    worker_log = settings.state_dir / "worker.log"
     with broker_for(settings) as settings, mailbox_for(settings) as (settings, mail_dir):
         base = f"http://{settings.web_host}:{settings.web_port}"
         settings.state_dir.mkdir(parents=True, exist_ok=True)
-        worker_log = settings.state_dir / "worker.log"
         with worker_process(settings, worker_log) as worker:
             out.print(f"worker starting (log: {worker_log}) ...")
             wait_until(lambda: get_json(f"{base}/readyz")[0] == 200, 120, "starting",
