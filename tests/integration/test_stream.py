@@ -204,3 +204,32 @@ def test_scale_out_and_take_over(kafka_broker: str, topics: Topics, tmp_path: Pa
     finally:
         for worker in workers:
             worker.stop()
+
+
+def test_latency_runs_from_a_message_s_arrival(kafka_broker: str, topics: Topics,
+                                               tmp_path: Path) -> None:
+    """safety_processing_latency_seconds includes the wait for a batch to fill: with
+    batches of two, a message sent two seconds before the next waits that long."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    lines = (ROOT / "examples" / "isc-19-29" / "events.jsonl").read_bytes().splitlines()[:3]
+    worker = Worker(kafka_broker, topics, tmp_path / "state", MONITOR_BATCH_SIZE="2",
+                    MONITOR_BATCH_WITHIN="600").start()
+    try:
+        worker.wait_ready()
+        for line in lines:  # {1, 2} make a batch, or (had a timeout cut in) {1} and {2, 3}
+            send(kafka_broker, topics.events, [line])
+            time.sleep(2)
+        wait_for(lambda: accepted(worker.status()) >= 2, 60, "a batch")
+        with urllib.request.urlopen(f"http://127.0.0.1:{worker.port}/metrics") as answer:
+            body = answer.read().decode()
+    finally:
+        worker.stop()
+    samples = {(s.name, s.labels.get("le")): s.value
+               for family in text_string_to_metric_families(body) for s in family.samples
+               if s.name.startswith("safety_processing_latency_seconds")}
+    count = samples[("safety_processing_latency_seconds_count", None)]
+    assert count >= 2
+    assert samples[("safety_processing_latency_seconds_bucket", "1.0")] < count  # one waited
