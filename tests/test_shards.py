@@ -72,6 +72,23 @@ def test_interleaved_trials_a_gzip_log_and_duplicates_give_the_output_of_one(log
     assert sharded(shuffled, 2) == single(shuffled)
 
 
+def test_rejected_lines_of_any_shape_come_back_from_a_child_as_they_are(log,
+                                                                         tmp_path) -> None:
+    """What a child sends back holds whatever a rejected line carried: numbers out of a
+    float's range as ids, non-ASCII text, an offset; the merge gives the output of one."""
+    lines = log.read_bytes().splitlines(keepends=True)
+    second = next(line for line in reversed(lines) if b"SIM.0005" in line)  # a child's trial
+    odd = [b'{"type":"adverse_event","trial_id":"SIM.0005","event_id":1e999}\n',
+           b'{"type":"lab_result","trial_id":"SIM.0005","event_id":"\xc3\xa9v\xe2\x82\xac",'
+           b'"recorded_at":"2021-03-01T10:00:00+05:30","value":1e999}\n',
+           b'{"type":"infusion","trial_id":"SIM.0005","subject_id":-1e999}\n']
+    at = lines.index(second)
+    path = tmp_path / "odd.jsonl"
+    path.write_bytes(b"".join(lines[:at] + odd + lines[at:]))
+    assert sharded(path, 2) == single(path)
+    assert b"1e999" in single(path)
+
+
 def test_a_line_the_byte_scan_misreads_sends_the_log_to_one_process(log, tmp_path) -> None:
     lines = log.read_bytes().splitlines(keepends=True)
     sim = next(line for line in lines if b'"trial_id":"SIM.0001"' in line)

@@ -364,7 +364,7 @@ def _json_kind(pytype: str) -> str:
 
 
 def _str_or_none(value: object) -> str | None:
-    return value if isinstance(value, str) else None
+    return value if type(value) is str else None  # not a `_Number`: a number is no id
 
 
 def _reason(etype: object, field: str, value: object, what: str) -> str:
