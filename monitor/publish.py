@@ -15,14 +15,14 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
-from .settings import broker_servers
+from .settings import broker_servers, host_port
 
 WINDOW = 5000  # sends in flight before we wait for the broker
 
 
 def bootstrap(url: str) -> list[str]:
     """aiokafka's bootstrap servers for a ``kafka://`` URL: every broker it names."""
-    return [f"{host}:{port}" for host, port in broker_servers(url)]
+    return [host_port(host, port) for host, port in broker_servers(url)]
 
 
 def trial_key(line: bytes) -> bytes | None:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .engine.rules import TrialRules
-from .settings import Settings, broker_servers
+from .settings import Settings, broker_servers, host_port
 
 BROKER_CONNECT_TIMEOUT = 5.0  # seconds, for the check that a configured broker answers
 
@@ -76,22 +76,23 @@ def check_environment(settings: Settings) -> None:
     except OSError as exc:
         raise ValueError(f"MONITOR_STATE_DIR {settings.state_dir}: cannot create the "
                          f"folder: {exc.strerror or exc}") from None
-    try:
-        with socket.create_server((settings.web_host, settings.web_port)):
+    host, port = settings.web_host, settings.web_port
+    try:  # as the web server will: the address family of the host (:: is IPv6)
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.create_server((host, port), family=family):
             pass
     except OSError as exc:
-        raise ValueError(f"MONITOR_WEB_PORT {settings.web_port}: cannot listen on "
-                         f"{settings.web_host}:{settings.web_port} (MONITOR_WEB_HOST): "
-                         f"{exc.strerror or exc}") from None
+        raise ValueError(f"MONITOR_WEB_PORT {port}: cannot listen on {host_port(host, port)} "
+                         f"(MONITOR_WEB_HOST): {exc.strerror or exc}") from None
     if settings.broker is None:
         return  # the embedded broker starts next
     failures = []
     for host, port in broker_servers(settings.broker):
         try:
-            with socket.create_connection((host, int(port)), BROKER_CONNECT_TIMEOUT):
+            with socket.create_connection((host, port), BROKER_CONNECT_TIMEOUT):
                 return
         except OSError as exc:
-            failures.append(f"{host}:{port}: {exc.strerror or exc}")
+            failures.append(f"{host_port(host, port)}: {exc.strerror or exc}")
     raise BrokerUnreachable(f"MONITOR_BROKER: no broker answers ({'; '.join(failures)}); "
                             "is Kafka running and reachable from here?")
 

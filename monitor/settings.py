@@ -11,8 +11,9 @@ import re
 import ssl
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -68,10 +69,13 @@ class Settings(BaseSettings):
             return None
         if not value.startswith("kafka://"):
             raise ValueError(f"{value!r} is not a kafka:// URL (e.g. kafka://localhost:9092)")
-        for host, port in broker_servers(value):
-            if not host or not (port.isdigit() and 1 <= int(port) <= 65535):
-                raise ValueError(f"{value!r} names no broker as host:port "
-                                 "(e.g. kafka://localhost:9092)")
+        try:
+            servers = broker_servers(value)
+        except ValueError:  # a port that is no number, or out of range
+            servers = []
+        if not servers or not all(host for host, _port in servers):
+            raise ValueError(f"{value!r} names no broker as host:port "
+                             "(e.g. kafka://localhost:9092)")
         return value
 
     @field_validator("smtp_from")
@@ -84,9 +88,9 @@ class Settings(BaseSettings):
 
     @field_validator("smtp_ca_file")
     @classmethod
-    def _ca_bundle(cls, value: Path | None) -> Path | None:
-        if value is None:
-            return None
+    def _ca_bundle(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is None or info.data.get("smtp_tls", "none") == "none":
+            return value  # not read without TLS (a shared env file may name it anyway)
         try:  # here, once, rather than at every delivery attempt, retried for ever
             ssl.create_default_context(cafile=str(value))
         except OSError as exc:  # ssl.SSLError too: a file that holds no PEM certificate
@@ -103,17 +107,6 @@ class Settings(BaseSettings):
         return value
 
 
-def broker_servers(url: str) -> list[tuple[str, str]]:
-    """(host, port) of each broker in a ``kafka://`` URL (several: ``;`` or ``,``
-    between them, each with or without its own ``kafka://``; 9092 when no port)."""
-    servers = []
-    for part in url.replace(",", ";").split(";"):
-        server = part.strip().removeprefix("kafka://")
-        host, _, port = server.rpartition(":") if ":" in server else (server, "", "9092")
-        servers.append((host, port))
-    return servers
-
-
 def settings_problems(exc: ValidationError) -> list[str]:
     """One line per invalid setting, naming its environment variable (a secret's value is
     not shown)."""
@@ -127,3 +120,20 @@ def settings_problems(exc: ValidationError) -> list[str]:
         given = f" (got {error['input']!r})" if shown else ""  # a value error names it
         lines.append(f"MONITOR_{name.upper()}: {message}{given}")
     return lines
+
+
+def broker_servers(url: str) -> list[tuple[str, int]]:
+    """(host, port) of each broker of a ``kafka://`` URL, as faust reads it: several
+    with ``;`` or ``,`` between them, each with or without its own ``kafka://``; 9092
+    when no port; an IPv6 host without its brackets. ValueError for a bad port."""
+    servers = []
+    for part in url.replace(",", ";").split(";"):
+        part = part.strip()
+        split = urlsplit(part if "://" in part else f"kafka://{part}")
+        servers.append((split.hostname or "", split.port or 9092))
+    return servers
+
+
+def host_port(host: str, port: int) -> str:
+    """``host:port``, an IPv6 host in brackets (as Kafka clients write a server)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -149,12 +149,11 @@ def test_exit_status_and_one_line_errors(capsys, args, status, message) -> None:
 def test_an_invalid_setting_is_one_line_naming_its_variable(capsys, monkeypatch) -> None:
     monkeypatch.setenv("MONITOR_WEB_PORT", "notaport")
     monkeypatch.setenv("MONITOR_SMTP_TLS", "bogus")
-    monkeypatch.setenv("MONITOR_SMTP_PASSWORD", "hunter2")  # valid: not shown either way
     assert main(["replay", str(SAMPLE), "--rules", str(RULES)]) == 2
     err = capsys.readouterr().err
     assert "MONITOR_WEB_PORT: Input should be a valid integer" in err
     assert "(got 'notaport')" in err and "MONITOR_SMTP_TLS" in err
-    assert "pydantic" not in err and "hunter2" not in err and "Traceback" not in err
+    assert "pydantic" not in err and "Traceback" not in err
 
 
 def test_a_metrics_port_that_cannot_be_served_is_a_usage_error(capsys) -> None:

@@ -7,8 +7,10 @@ import socket
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from monitor.cli import main
+from monitor.settings import Settings, broker_servers, settings_problems
 
 RULES = str(Path(__file__).resolve().parent.parent / "rules")
 
@@ -37,6 +39,7 @@ def worker(capsys: pytest.CaptureFixture, tmp_path: Path, *args: str) -> tuple[i
 ])
 def test_a_bad_setting_is_one_line_and_exit_2(capsys, tmp_path, monkeypatch, env, value,
                                               message) -> None:
+    monkeypatch.setenv("MONITOR_SMTP_TLS", "starttls")  # the CA file is read only with TLS
     monkeypatch.setenv(env, value)
     status = main(["worker", "--rules", RULES, "--state-dir", str(tmp_path / "state")])
     err = capsys.readouterr().err
@@ -66,3 +69,41 @@ def test_a_broker_that_does_not_answer_is_one_line_and_exit_1(capsys, tmp_path) 
     assert status == 1 and "no MONITOR_SMTP_HOST: alerts go to the alerts topic" in err
     assert f"MONITOR_BROKER: no broker answers (127.0.0.1:{dead}: Connection refused)" in err
     assert "Traceback" not in err
+
+
+def test_a_ca_file_is_checked_only_when_tls_reads_it() -> None:
+    assert Settings(smtp_ca_file="no/such.pem").smtp_ca_file == Path("no/such.pem")
+    with pytest.raises(ValidationError, match="not a readable PEM bundle"):
+        Settings(smtp_ca_file="no/such.pem", smtp_tls="tls")
+
+
+@pytest.mark.parametrize("url", [
+    "kafka://h:9092", "kafka://h", "kafka://a:1;b:2", "kafka://a:1,kafka://b:2",
+    "kafka://kafka:9092/", "kafka://h:9092?x=1", "kafka://[::1]:9092", "kafka://user@h:9092",
+    "kafka://Kafka.Example.org:29092",
+])
+def test_brokers_are_read_as_faust_reads_them(url) -> None:
+    from faust.utils.urls import urllist
+
+    Settings(broker=url)  # valid
+    assert broker_servers(url) == [(u.host.lower(), u.port or 9092)
+                                   for u in urllist(url, default_scheme="kafka")]
+
+
+def test_a_secret_is_not_shown_in_a_settings_error() -> None:
+    with pytest.raises(ValidationError) as invalid:
+        Settings(smtp_password=271828, smtp_port="x")  # only code can give a non-string
+    lines = settings_problems(invalid.value)
+    assert any(line.startswith("MONITOR_SMTP_PASSWORD: ") for line in lines)
+    assert any("(got 'x')" in line for line in lines)
+    assert not any("271828" in line for line in lines)
+
+
+def test_an_ipv6_web_host_is_checked_as_ipv6(tmp_path) -> None:
+    from monitor.runner import check_environment
+
+    settings = Settings(web_host="::1", web_port=free_port(), state_dir=tmp_path)
+    check_environment(settings)  # no broker configured: the embedded one starts next
+    with socket.create_server(("::1", settings.web_port), family=socket.AF_INET6), \
+            pytest.raises(ValueError, match=r"cannot listen on \[::1\]:\d+ .*in use"):
+        check_environment(settings)
