@@ -32,6 +32,9 @@ twice (issue #4).
   worker that takes an e-mail log over then e-mails the alert again), and a write the
   broker refused is lost while the events that made it are acked. Its `write` takes a
   batch's rows at once and sends them as one produce batch per partition.
+- `ArrivalMonitor`: a message's ``time_in`` is when the consumer fetched it, not when
+  a stream took it from its queue (up to 4,096 messages later), so the processing
+  latency includes the wait in the queue.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
@@ -46,13 +50,14 @@ from typing import Any
 import faust
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
+from faust.sensors import Monitor
 from faust.stores.base import SerializedStore
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 
-__all__ = ["Carrier", "ConfirmedTable", "OffsetGuard", "commit_offset", "current_event",
-           "drop", "fetch_range", "fill_tails", "install_rewinding_consumer", "mark_acked",
-           "read_hole", "read_since", "seek_to_committed", "sync", "undelivered",
+__all__ = ["ArrivalMonitor", "Carrier", "ConfirmedTable", "OffsetGuard", "commit_offset",
+           "current_event", "drop", "fetch_range", "fill_tails", "install_rewinding_consumer",
+           "mark_acked", "read_hole", "read_since", "seek_to_committed", "sync", "undelivered",
            "until_read"]
 
 Partition = tuple[str, int]  # (topic, partition)
@@ -328,6 +333,7 @@ class RewindingConsumer(faust_aiokafka.Consumer):
         async for tp, message in super().getmany(timeout):
             if message.offset > fetched.get(tp, -1):
                 fetched[tp] = message.offset
+            message.time_in = time.monotonic()  # arrival: `ArrivalMonitor` keeps it
             yield tp, message
 
     def _new_offset(self, tp: Any) -> int | None:
@@ -352,6 +358,18 @@ class RewindingConsumer(faust_aiokafka.Consumer):
 
     def _new_consumer_thread(self) -> RewindingConsumerThread:
         return RewindingConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+
+class ArrivalMonitor(Monitor):
+    """faust's monitor (the ``Monitor`` setting), but a message keeps the ``time_in``
+    that `RewindingConsumer.getmany` gave it when fetched: faust's own stamps it when
+    a stream takes it from its queue. Both clocks are ``time.monotonic``."""
+
+    def on_message_in(self, tp: TP, offset: int, message: Any) -> None:
+        arrived = message.time_in
+        super().on_message_in(tp, offset, message)
+        if arrived is not None:
+            message.time_in = arrived
 
 
 def install_rewinding_consumer(app: faust.App) -> None:

@@ -9,7 +9,8 @@ Two kinds of metrics, fed two ways so that per-event work stays O(1):
 
 * *What happened* (counters, histograms): the worker calls `Metrics.observe` per
   message (a valid event or a dead letter), `observe_alerts` per step's alert
-  transitions, `observe_latency` per batch and `observe_email` per e-mail outcome.
+  transitions, `observe_latency` per message of a written batch and `observe_email`
+  per e-mail outcome.
   Each is a dict lookup and an increment per message.
 * *What the trials look like now* (gauges: subjects by state, in-window AEs and SAEs,
   rule value, threshold and breached state): computed at scrape time from the engine's
@@ -27,8 +28,8 @@ Wiring in the worker (`monitor.stream.Pipeline` calls ``observer(outcome, parsed
     ...                                       # per message, in Pipeline.handle:
     metrics(outcome, parsed)                  # = metrics.observe: counts, lag
     metrics.observe_alerts(changes.alerts)    # the transitions the step decided
-    ...                                       # per batch, after flush:
-    metrics.observe_latency(seconds_since_the_batch_arrived, len(batch_events))
+    ...                                       # per message, once its batch is written:
+    metrics.observe_latency(now - message.time_in)  # time_in: fetched (ArrivalMonitor)
     ...                                       # GET /metrics:
     body, content_type = metrics.exposition(request.headers.get("Accept"))
     return web.bytes(body, headers={"Content-Type": content_type})
@@ -232,7 +233,7 @@ class Metrics:
             self.observe_alert(alert)
 
     def observe_latency(self, seconds: float, count: int = 1) -> None:
-        """``count`` messages each took ``seconds`` from arrival to done (a batch)."""
+        """``count`` messages each took ``seconds`` from arrival to done."""
         for _ in range(count):
             self.latency.observe(seconds)
 

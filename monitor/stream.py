@@ -49,6 +49,7 @@ from .engine.rules import TrialRules
 from .engine.state import REDELIVERED, reconcile, step
 from .engine.trials import Trials
 from .faust_ext import (
+    ArrivalMonitor,
     Carrier,
     ConfirmedTable,
     OffsetGuard,
@@ -347,6 +348,7 @@ def faust_settings(settings: Settings) -> dict[str, Any]:
     """The faust App settings that follow from ours."""
     return {
         "broker": settings.broker,
+        "Monitor": ArrivalMonitor,  # time_in: when fetched (the processing latency)
         "store": settings.store,
         "datadir": str(settings.state_dir),
         "topic_partitions": settings.partitions,
@@ -426,8 +428,8 @@ def build_app(settings: Settings, catalog: dict[str, TrialRules],
                 for tp, offsets in filled:
                     mark_acked(app.consumer, tp, offsets)
                 last_events.update((event.message.tp, event) for event in batch_events)
-            if metrics is not None:  # from each message's arrival: faust's monitor
-                done = time.monotonic()  # stamps `time_in` (time.monotonic) as it comes in
+            if metrics is not None:  # from each message's arrival: the consumer stamps
+                done = time.monotonic()  # `time_in` as it fetches (see `ArrivalMonitor`)
                 for event in batch_events:
                     arrived = event.message.time_in
                     metrics.observe_latency(done - (started if arrived is None else arrived))
