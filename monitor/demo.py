@@ -63,7 +63,7 @@ def mailbox_for(settings: Settings) -> Iterator[tuple[Settings, Path | None]]:
 @contextlib.contextmanager
 def worker_process(settings: Settings, log_path: Path) -> Iterator[subprocess.Popen]:
     env = {**os.environ, **settings_env(settings)}
-    with log_path.open("ab") as log:
+    with log_path.open("wb") as log:  # this run's only: a failure shows its last lines
         process = subprocess.Popen([sys.executable, "-m", "monitor.cli", "worker"], env=env,
                                    stdout=log, stderr=subprocess.STDOUT)
         try:

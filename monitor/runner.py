@@ -78,7 +78,8 @@ def check_environment(settings: Settings) -> None:
                          f"folder: {exc.strerror or exc}") from None
     host, port = settings.web_host, settings.web_port
     try:  # as the web server will: the address family of the host (:: is IPv6)
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        family = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                    flags=socket.AI_PASSIVE)[0][0]  # "": every interface
         with socket.create_server((host, port), family=family):
             pass
     except OSError as exc:

@@ -99,11 +99,12 @@ def test_a_secret_is_not_shown_in_a_settings_error() -> None:
     assert not any("271828" in line for line in lines)
 
 
-def test_an_ipv6_web_host_is_checked_as_ipv6(tmp_path) -> None:
+def test_an_ipv6_or_empty_web_host_is_checked_as_the_server_binds_it(tmp_path) -> None:
     from monitor.runner import check_environment
 
     settings = Settings(web_host="::1", web_port=free_port(), state_dir=tmp_path)
     check_environment(settings)  # no broker configured: the embedded one starts next
+    check_environment(Settings(web_host="", web_port=free_port(), state_dir=tmp_path))
     with socket.create_server(("::1", settings.web_port), family=socket.AF_INET6), \
             pytest.raises(ValueError, match=r"cannot listen on \[::1\]:\d+ .*in use"):
         check_environment(settings)

@@ -50,3 +50,11 @@ def test_a_demo_whose_worker_cannot_start_says_why(tmp_path: Path) -> None:
     assert f"MONITOR_WEB_PORT {port}: cannot listen on 127.0.0.1:{port}" in run.stderr
     assert "Traceback" not in run.stderr
     assert "cannot listen" in (tmp_path / ".state" / "worker.log").read_text()
+    # a second run's failure shows its own log, not the first run's reason
+    run = subprocess.run([sys.executable, "-m", "monitor.cli", "demo", "--exit-when-done",
+                          "--web-port", str(port)], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300, check=False,
+                         env={**env, "MONITOR_RULES_DIR": str(ROOT / "rules"),
+                              "MONITOR_BROKER": "kafka://127.0.0.1:1"})
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "no broker answers" in run.stderr and "cannot listen" not in run.stderr
