@@ -89,8 +89,10 @@ class Settings(BaseSettings):
     @field_validator("smtp_ca_file")
     @classmethod
     def _ca_bundle(cls, value: Path | None, info: ValidationInfo) -> Path | None:
-        if value is None or info.data.get("smtp_tls", "none") == "none":
-            return value  # not read without TLS (a shared env file may name it anyway)
+        # not read without TLS (a shared env file may name it anyway); an invalid
+        # smtp_tls is missing from info.data: check the file too, so both errors show
+        if value is None or info.data.get("smtp_tls", "tls") == "none":
+            return value
         try:  # here, once, rather than at every delivery attempt, retried for ever
             ssl.create_default_context(cafile=str(value))
         except OSError as exc:  # ssl.SSLError too: a file that holds no PEM certificate

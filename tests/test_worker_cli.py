@@ -75,6 +75,9 @@ def test_a_ca_file_is_checked_only_when_tls_reads_it() -> None:
     assert Settings(smtp_ca_file="no/such.pem").smtp_ca_file == Path("no/such.pem")
     with pytest.raises(ValidationError, match="not a readable PEM bundle"):
         Settings(smtp_ca_file="no/such.pem", smtp_tls="tls")
+    with pytest.raises(ValidationError) as both:  # a wrong smtp_tls: both errors at once
+        Settings(smtp_ca_file="no/such.pem", smtp_tls="bogus")
+    assert {e["loc"][0] for e in both.value.errors()} == {"smtp_tls", "smtp_ca_file"}
 
 
 @pytest.mark.parametrize("url", [
