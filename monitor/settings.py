@@ -20,8 +20,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MONITOR_", frozen=True, extra="ignore")
 
-    broker: str | None = Field(None, description="Kafka URL, e.g. kafka://host:9092; "
-                                                 "unset = start an embedded local broker")
+    broker: str | None = Field(None, description="Kafka URL, e.g. kafka://host:9092 (several: "
+                                                 "kafka://a:9092;b:9092); unset = start an "
+                                                 "embedded local broker")
     rules_dir: Path = Field(Path("rules"), description="folder of one YAML rules file per trial")
     web_port: int = Field(6066, ge=1, le=65535, description="port of /status, /metrics, "
                                                              "/healthz and /readyz")
