@@ -66,8 +66,11 @@ class Settings(BaseSettings):
     @field_validator("broker")
     @classmethod
     def _kafka_url(cls, value: str | None) -> str | None:
-        if value in (None, ""):
+        value = value.strip() if value is not None else None
+        if not value:
             return None
+        if value[:8].lower() == "kafka://":  # faust reads the scheme in any case
+            value = "kafka://" + value[8:]
         if not value.startswith("kafka://"):
             raise ValueError(f"{value!r} is not a kafka:// URL (e.g. kafka://localhost:9092)")
         try:

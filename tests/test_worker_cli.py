@@ -71,6 +71,11 @@ def test_a_broker_that_does_not_answer_is_one_line_and_exit_1(capsys, tmp_path) 
     assert "Traceback" not in err
 
 
+def test_a_broker_url_is_read_in_any_case_and_without_surrounding_blanks() -> None:
+    assert Settings(broker=" KAFKA://h:9092 ").broker == "kafka://h:9092"
+    assert Settings(broker="  ").broker is None
+
+
 def test_a_ca_file_is_checked_only_when_tls_reads_it() -> None:
     assert Settings(smtp_ca_file="no/such.pem").smtp_ca_file == Path("no/such.pem")
     with pytest.raises(ValidationError, match="not a readable PEM bundle"):
