@@ -329,19 +329,35 @@ def is_ready(app: Any) -> bool:
     return recovered and not app.rebalancing and not app.in_recovery
 
 
+DEAD_LETTER_RAW = 128 * 1024  # bytes of a message a dead letter keeps: JSON escaping
+# can make each byte six (\u0000), and the letter must stay under Kafka's 1 MB default
+
+
 def dead_letter(message: Any, rejection: Rejection) -> bytes:
-    """The dead-letter value: raw bytes (as text when they are UTF-8), position, reason."""
+    """The dead-letter value: raw bytes (as text when they are UTF-8), position, reason.
+    A message longer than `DEAD_LETTER_RAW` keeps its first bytes (``raw_truncated``,
+    ``raw_bytes`` its length): a letter over the broker's limit would stop the agent,
+    and the position says where the whole message is."""
     raw = message.value or b""
-    try:
-        text, encoding = raw.decode("utf-8"), "utf-8"
-    except UnicodeDecodeError:
+    kept = raw[:DEAD_LETTER_RAW]
+    text = encoding = None
+    for cut in range(4 if len(kept) < len(raw) else 1):  # a character cut in two: drop it
+        try:
+            text, encoding = kept[:len(kept) - cut].decode("utf-8"), "utf-8"
+            break
+        except UnicodeDecodeError:
+            continue
+    if text is None:
         import base64
 
-        text, encoding = base64.b64encode(raw).decode(), "base64"
-    return orjson.dumps({"reason": rejection.reason, "topic": message.topic,
-                         "partition": message.partition, "offset": message.offset,
-                         "raw": text, "raw_encoding": encoding,
-                         "event_id": rejection.event_id, "trial_id": rejection.trial_id})
+        text, encoding = base64.b64encode(kept).decode(), "base64"
+    letter = {"reason": rejection.reason, "topic": message.topic,
+              "partition": message.partition, "offset": message.offset,
+              "raw": text, "raw_encoding": encoding,
+              "event_id": rejection.event_id, "trial_id": rejection.trial_id}
+    if len(kept) < len(raw):
+        letter["raw_truncated"], letter["raw_bytes"] = True, len(raw)
+    return orjson.dumps(letter)
 
 
 def faust_settings(settings: Settings) -> dict[str, Any]:

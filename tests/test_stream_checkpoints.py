@@ -287,3 +287,23 @@ def test_a_load_leaves_to_send_only_what_its_ledgers_have_not_recorded() -> None
     ahead = later._replace(key="ahead", sequence=later.sequence + 1)
     pipeline.found({ahead}, {0: 0}, {0: len(LINES)})
     assert pipeline.unsent == {"ahead"}  # a transition past the ledger's: not recorded
+
+
+@pytest.mark.parametrize("raw", [b'"' * 600_000, b"\x01" * 300_000, b"\xff" * 300_000,
+                                 "é".encode() * 100_000, b"{not json"])
+def test_a_dead_letter_stays_under_the_broker_s_message_limit(raw: bytes) -> None:
+    """A huge broken line would make a letter over Kafka's 1 MB default, and the agent
+    crashed sending it (the line was lost); it keeps its first bytes and says so."""
+    from monitor.engine.events import parse_event
+    from monitor.stream import DEAD_LETTER_RAW, dead_letter
+
+    message = SimpleNamespace(value=raw, topic="safety.events", partition=2, offset=41)
+    letter = orjson.loads(value := dead_letter(message, parse_event(raw)))
+    assert len(value) < 1_000_000 and letter["offset"] == 41 and letter["reason"]
+    if len(raw) > DEAD_LETTER_RAW:
+        assert letter["raw_truncated"] is True and letter["raw_bytes"] == len(raw)
+        kept = letter["raw"].encode() if letter["raw_encoding"] == "utf-8" else \
+            __import__("base64").b64decode(letter["raw"])
+        assert raw.startswith(kept) and len(kept) > DEAD_LETTER_RAW - 4
+    else:
+        assert "raw_truncated" not in letter and letter["raw"] == raw.decode()
