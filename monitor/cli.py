@@ -166,19 +166,33 @@ def _add_publish(sub: argparse._SubParsersAction) -> None:
 def run_publish(args: argparse.Namespace) -> int:
     import asyncio
 
+    from aiokafka.errors import KafkaError
+
     from .publish import publish
+    from .runner import BrokerUnreachable, check_broker
 
     settings = settings_from(args)
     if settings.broker is None:
         raise UsageError("no broker: give --broker kafka://host:port or set MONITOR_BROKER")
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    too_large: list[tuple[int, int]] = []
     stream, raw, size = open_log(args.log)
-    with stream:
-        lines = read_lines(stream, args.log)
-        sent = asyncio.run(publish(settings.broker, settings.events_topic,
-                                   _with_progress(lines, raw, size or 0) if size and
-                                   sys.stderr.isatty() else lines, settings.partitions))
-    Console(stderr=True).print(f"published {sent} events to {settings.events_topic}")
-    return EXIT_OK
+    try:
+        with stream:
+            check_broker(settings.broker)
+            lines = read_lines(stream, args.log)
+            sent = asyncio.run(publish(settings.broker, settings.events_topic,
+                                       _with_progress(lines, raw, size or 0) if size and
+                                       sys.stderr.isatty() else lines, settings.partitions,
+                                       too_large=too_large))
+    except (BrokerUnreachable, KafkaError) as exc:
+        err.print(f"[red]error:[/] {exc}")
+        return EXIT_UNREADABLE
+    err.print(f"published {sent} events to {settings.events_topic}")
+    for number, length in too_large:
+        err.print(f"[red]error:[/] line {number} not sent: {length:,} bytes, over the "
+                  "broker's message limit (1 MiB); split or shorten it and publish it alone")
+    return EXIT_UNREADABLE if too_large else EXIT_OK
 
 
 # --- replay -----------------------------------------------------------------------

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import MessageSizeTooLargeError, TopicAlreadyExistsError
 
 from .settings import broker_servers, host_port
 
@@ -49,19 +49,28 @@ async def ensure_topic(url: str, topic: str, partitions: int) -> None:
 
 
 async def publish(url: str, topic: str, lines: Iterable[bytes], partitions: int,
-                  progress: Callable[[int], None] | None = None) -> int:
-    """Send every non-blank line; return how many were sent (all acknowledged)."""
+                  progress: Callable[[int], None] | None = None,
+                  too_large: list[tuple[int, int]] | None = None) -> int:
+    """Send every non-blank line; return how many were sent (all acknowledged). A line
+    over the producer's message limit (1 MiB) is not sent: with ``too_large`` given, its
+    (line number, bytes) goes there and the rest is sent; without, it raises."""
     await ensure_topic(url, topic, partitions)
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap(url), acks="all", linger_ms=20,
                                 max_batch_size=1 << 20, request_timeout_ms=30000)
     await producer.start()
     sent, pending = 0, []
     try:
-        for line in lines:
+        for number, line in enumerate(lines, 1):
             line = line.rstrip(b"\r\n")
             if not line.strip():
                 continue
-            pending.append(await producer.send(topic, value=line, key=trial_key(line)))
+            try:
+                pending.append(await producer.send(topic, value=line, key=trial_key(line)))
+            except MessageSizeTooLargeError:
+                if too_large is None:
+                    raise
+                too_large.append((number, len(line)))
+                continue
             sent += 1
             if len(pending) >= WINDOW:
                 await asyncio.gather(*pending)

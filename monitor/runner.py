@@ -85,10 +85,16 @@ def check_environment(settings: Settings) -> None:
     except OSError as exc:
         raise ValueError(f"MONITOR_WEB_PORT {port}: cannot listen on {host_port(host, port)} "
                          f"(MONITOR_WEB_HOST): {exc.strerror or exc}") from None
-    if settings.broker is None:
-        return  # the embedded broker starts next
+    if settings.broker is not None:  # else the embedded broker starts next
+        check_broker(settings.broker)
+
+
+def check_broker(url: str) -> None:
+    """`BrokerUnreachable` unless a broker of ``url`` accepts a TCP connection."""
+    import socket
+
     failures = []
-    for host, port in broker_servers(settings.broker):
+    for host, port in broker_servers(url):
         try:
             with socket.create_connection((host, port), BROKER_CONNECT_TIMEOUT):
                 return

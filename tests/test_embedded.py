@@ -106,3 +106,40 @@ async def test_publish_takes_a_url_of_several_brokers(kafka_broker: str,
     finally:
         await consumer.stop()
     assert [r.key for r in records] == [b"T.1", b"T.2"]
+
+
+def test_publish_sends_what_fits_and_names_each_line_too_large(
+        kafka_broker: str, kafka_bootstrap_servers: str, tmp_path, monkeypatch, capsys) -> None:
+    import asyncio
+
+    from monitor.cli import main
+
+    topic = unique("large")
+    monkeypatch.setenv("MONITOR_EVENTS_TOPIC", topic)
+    log = tmp_path / "events.jsonl"
+    log.write_bytes(b'{"trial_id": "T.1", "n": 1}\n{"trial_id": "T.1", "pad": "'
+                    + b"x" * 1_200_000 + b'"}\n{"trial_id": "T.1", "n": 3}\n')
+    assert main(["publish", "--broker", kafka_broker, str(log)]) == 1
+    err = capsys.readouterr().err
+    assert "published 2 events" in err and "line 2 not sent: 1,200," in err
+
+    async def read() -> list[bytes]:
+        consumer = AIOKafkaConsumer(topic, bootstrap_servers=kafka_bootstrap_servers,
+                                    group_id=unique("large-group"),
+                                    auto_offset_reset="earliest")
+        await consumer.start()
+        try:
+            return [(await consumer.getone()).value, (await consumer.getone()).value]
+        finally:
+            await consumer.stop()
+
+    assert asyncio.run(read()) == [b'{"trial_id": "T.1", "n": 1}', b'{"trial_id": "T.1", "n": 3}']
+    dead = embedded_free_port()
+    assert main(["publish", "--broker", f"kafka://127.0.0.1:{dead}", str(log)]) == 1
+    assert f"no broker answers (127.0.0.1:{dead}: Connection refused)" in capsys.readouterr().err
+
+
+def embedded_free_port() -> int:
+    from monitor.embedded import free_port
+
+    return free_port()
