@@ -52,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     except LogUnreadable as exc:
         err.print(f"[red]error:[/] {exc}")
         return EXIT_UNREADABLE
+    except BrokenPipeError:
+        raise  # output cut short (| head): Python's own handling
+    except OSError as exc:  # a file or folder this host will not give us: it says which
+        err.print(f"[red]error:[/] {exc}")
+        return EXIT_UNREADABLE
     except KeyboardInterrupt:
         return 130
 
@@ -130,7 +135,9 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rules", metavar="DIR", help="rules folder (MONITOR_RULES_DIR)")
     p.add_argument("--web-port", type=int, help="web port (MONITOR_WEB_PORT)")
     p.add_argument("--state-dir", help="local table store (MONITOR_STATE_DIR)")
-    p.add_argument("--loglevel", default="warning", help="faust log level (default warning)")
+    p.add_argument("--loglevel", default="warning", type=str.lower,
+                   help="faust log level (default warning)",
+                   choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(run=run_worker)
 
 

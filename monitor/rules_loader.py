@@ -17,6 +17,9 @@ def rule_files(folder: Path) -> list[Path]:
 
 def load_rules_dir(folder: Path) -> dict[str, TrialRules]:
     """trial_id -> rules for every file in ``folder``; `RulesError` lists all problems."""
+    if folder.is_file():
+        raise RulesError(str(folder), [f"{folder}: is a file; give the folder that holds the "
+                                       "rules files (--rules DIR or MONITOR_RULES_DIR)"])
     if not folder.is_dir():
         raise RulesError(str(folder), [f"{folder}: no such rules folder (set --rules DIR or "
                                        "MONITOR_RULES_DIR)"])

@@ -29,7 +29,8 @@ class Settings(BaseSettings):
     web_host: str = Field("127.0.0.1", description="address the web port binds to")
     state_dir: Path = Field(Path(".state"), description="where the worker keeps its local "
                                                         "table store")
-    app_id: str = Field("safety-monitor", description="consumer group and changelog prefix")
+    app_id: str = Field("safety-monitor", min_length=1,
+                        description="consumer group and changelog prefix")
     events_topic: str = "safety.events"
     dead_letter_topic: str = "safety.events.dead"
     alerts_topic: str = "safety.alerts"

@@ -174,6 +174,15 @@ def test_a_metrics_port_that_cannot_be_served_is_a_usage_error(capsys) -> None:
     assert "'70000' is not a port number (0-65535)" in capsys.readouterr().err
 
 
+def test_a_file_the_host_refuses_is_one_line_and_exit_1(capsys, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("MONITOR_SMTP_HOST", "127.0.0.1")
+    monkeypatch.setenv("MONITOR_SMTP_PORT", "1")
+    assert main(["replay", str(SAMPLE), "--rules", str(RULES), "--send-email",
+                 "--email-log", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert f"Is a directory: '{tmp_path}'" in err and "Traceback" not in err
+
+
 def test_a_corrupt_gzip_log_exits_1(capsys, tmp_path) -> None:
     path = tmp_path / "cut.jsonl.gz"
     path.write_bytes(gzip.compress(SAMPLE.read_bytes())[:3000])

@@ -99,3 +99,5 @@ def test_rules_check_command(tmp_path: Path, capsys: pytest.CaptureFixture) -> N
     assert "Traceback" not in err
     assert main(["rules", "check", str(tmp_path / "missing")]) == 2
     assert "no such rules folder" in capsys.readouterr().err
+    assert main(["rules", "check", str(ROOT / "rules" / "isc-19-29.yaml")]) == 2
+    assert "isc-19-29.yaml: is a file; give the folder that holds" in capsys.readouterr().err

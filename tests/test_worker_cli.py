@@ -32,6 +32,7 @@ def worker(capsys: pytest.CaptureFixture, tmp_path: Path, *args: str) -> tuple[i
     ("MONITOR_BROKER", "kafka://", "MONITOR_BROKER: 'kafka://' names no broker as host:port"),
     ("MONITOR_BROKER", "kafka://host:port", "names no broker as host:port"),
     ("MONITOR_WEB_PORT", "0", "MONITOR_WEB_PORT: Input should be greater than or equal to 1"),
+    ("MONITOR_APP_ID", "", "MONITOR_APP_ID: String should have at least 1 character"),
     ("MONITOR_SMTP_FROM", "Safety <a@b.org>", "MONITOR_SMTP_FROM: 'Safety <a@b.org>' is not an"),
     ("MONITOR_SMTP_FROM", "a@b.org\r\nBcc: x@y.org", "is not an e-mail address"),
     ("MONITOR_SMTP_CA_FILE", "no/such.pem", "'no/such.pem' is not a readable PEM bundle of CA"),
@@ -116,3 +117,9 @@ def test_an_ipv6_or_empty_web_host_is_checked_as_the_server_binds_it(tmp_path) -
     with socket.create_server(("::1", settings.web_port), family=socket.AF_INET6), \
             pytest.raises(ValueError, match=r"cannot listen on \[::1\]:\d+ .*in use"):
         check_environment(settings)
+
+
+def test_a_log_level_faust_does_not_know_is_a_usage_error(capsys) -> None:
+    with pytest.raises(SystemExit) as stop:
+        main(["worker", "--rules", RULES, "--loglevel", "bogus"])
+    assert stop.value.code == 2 and "invalid choice: 'bogus'" in capsys.readouterr().err
