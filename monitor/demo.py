@@ -26,6 +26,7 @@ from rich.console import Console
 from .embedded import LocalMailbox
 from .engine.events import Rejection, parse_event
 from .publish import publish
+from .replay import open_log, read_lines
 from .runner import broker_for
 from .settings import Settings
 
@@ -118,8 +119,14 @@ def processed(status: object) -> int:
 
 def run_demo(settings: Settings, log_path: Path, exit_when_done: bool) -> int:
     out = Console(highlight=False, soft_wrap=True)
-    lines = [line for line in log_path.read_bytes().splitlines() if line.strip()]
+    stream, _raw, _size = open_log(str(log_path))  # gzip or plain, as replay reads it
+    with stream:
+        lines = [line.rstrip(b"\r\n") for line in read_lines(stream, str(log_path))
+                 if line.strip()]
     valid = sum(type(parse_event(line)) is not Rejection for line in lines)
+    if not valid:
+        raise DemoFailed(f"{log_path}: no valid event in {len(lines)} lines (see "
+                         f"`safety-monitor replay {log_path}` for each line's reason)")
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     # here, not in the folder of an embedded broker's run, which goes when the demo ends
     worker_log = settings.state_dir / "worker.log"

@@ -238,3 +238,11 @@ def test_replaying_once_freezes_the_replay_state_instead_of_scanning_it() -> Non
         assert result.to_json()["events"]["accepted"] > 0
     finally:
         gc.unfreeze()
+
+
+def test_a_demo_of_a_log_with_no_valid_event_says_so_at_once(capsys, tmp_path) -> None:
+    """Before any broker or worker starts (it used to wait three minutes, then time out)."""
+    (tmp_path / "bad.jsonl.gz").write_bytes(gzip.compress(b"garbage\n{}\n"))
+    assert main(["demo", "--rules", str(RULES), "--log", str(tmp_path / "bad.jsonl.gz"),
+                 "--exit-when-done"]) == 1
+    assert "bad.jsonl.gz: no valid event in 2 lines" in capsys.readouterr().err
