@@ -192,8 +192,13 @@ def open_log(path: str) -> tuple[BinaryIO, BinaryIO, int | None]:
 
 
 def read_lines(stream: BinaryIO, source: str) -> Iterator[bytes]:
-    """The log's lines; a read error (corrupt gzip, I/O) becomes `LogUnreadable`."""
+    """The log's lines; a read error (corrupt gzip, I/O) becomes `LogUnreadable`. A
+    UTF-8 byte-order mark before the first line (some Windows tools write one) is
+    not part of it."""
     try:
+        first = stream.readline()
+        if first:
+            yield first.removeprefix(BOM)
         yield from stream
     except _READ_ERRORS as exc:
         raise LogUnreadable(f"{source}: the log cannot be read to the end: {exc}") from None
@@ -203,10 +208,17 @@ def read_chunks(stream: BinaryIO, source: str, size: int = 1 << 20) -> Iterator[
     """`read_lines` a list at a time (about ``size`` bytes of lines), for a caller that
     looks at every line but keeps few."""
     try:
-        while chunk := stream.readlines(size):
+        chunk = stream.readlines(size)
+        if chunk:
+            chunk[0] = chunk[0].removeprefix(BOM)
+        while chunk:
             yield chunk
+            chunk = stream.readlines(size)
     except _READ_ERRORS as exc:
         raise LogUnreadable(f"{source}: the log cannot be read to the end: {exc}") from None
+
+
+BOM = b"\xef\xbb\xbf"
 
 
 _READ_ERRORS = (OSError, EOFError, gzip.BadGzipFile, io.UnsupportedOperation)

@@ -246,3 +246,13 @@ def test_a_demo_of_a_log_with_no_valid_event_says_so_at_once(capsys, tmp_path) -
     assert main(["demo", "--rules", str(RULES), "--log", str(tmp_path / "bad.jsonl.gz"),
                  "--exit-when-done"]) == 1
     assert "bad.jsonl.gz: no valid event in 2 lines" in capsys.readouterr().err
+
+
+def test_a_byte_order_mark_before_the_first_line_is_not_part_of_it(capsys, tmp_path) -> None:
+    """Some Windows tools start a UTF-8 file with one; the first event is not lost."""
+    plain = replay_json(capsys, str(SAMPLE))
+    marked = tmp_path / "marked.jsonl"
+    marked.write_bytes(b"\xef\xbb\xbf" + SAMPLE.read_bytes())
+    assert replay_json(capsys, str(marked))["events"] == plain["events"]
+    marked.write_bytes(gzip.compress(marked.read_bytes()))
+    assert replay_json(capsys, str(marked), "--jobs", "2")["events"] == plain["events"]

@@ -171,6 +171,8 @@ BAD = [
     (b"1e999", "not a JSON object (got number)"),
     (b"[1, 2", "not JSON"),
     (b'{"type": "adverse_event", "grade": "3", ', "not JSON"),
+    (b"\xef\xbb\xbf" + orjson.dumps(LAB),
+     "not JSON (it starts with a UTF-8 byte-order mark; send the JSON without it)"),
     ({**GOOD_AE, "version": True}, "adverse_event.version: expected int, got bool"),
     ({**INFUSION, "dose_number": True}, "infusion.dose_number: expected int, got bool"),
     # the whole of a date or date-time, not only its first ten characters
