@@ -231,9 +231,13 @@ def _port(text: str) -> int:
     return int(text)
 
 
+MAX_JOBS = 64  # each process reads the whole log: more than cores only slows it down
+
+
 def _jobs(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of processes (1 or more)")
+    if not text.isdigit() or not 1 <= int(text) <= MAX_JOBS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of processes (1 to "
+                                         f"{MAX_JOBS}; more than this host's cores is slower)")
     return int(text)
 
 

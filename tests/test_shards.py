@@ -196,3 +196,7 @@ def test_the_cli_takes_jobs(capsys) -> None:
         main(["replay", str(SAMPLE), "--rules", rules, "--jobs", "0"])
     assert exit_.value.code == 2
     assert "not a number of processes" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # it used to start them all
+        main(["replay", str(SAMPLE), "--rules", rules, "--jobs", "100000"])
+    assert exit_.value.code == 2
+    assert "'100000' is not a number of processes (1 to 64" in capsys.readouterr().err
