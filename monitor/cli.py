@@ -245,6 +245,8 @@ def run_replay(args: argparse.Namespace) -> int:
     from .metrics import ReplayExporter
 
     port, hold = getattr(args, "metrics_port", None), getattr(args, "metrics_hold", 0)
+    if hold and port is None:
+        print("warning: --metrics-hold has no effect without --metrics-port", file=sys.stderr)
     with ReplayExporter(port, Settings().web_host, hold) as exporter:
         return _replay_and_report(args, exporter)
 

@@ -12,6 +12,7 @@ import asyncio
 import datetime as dt
 import email.utils
 import re
+import sys
 from collections.abc import Mapping
 from email.message import EmailMessage
 from pathlib import Path
@@ -95,6 +96,8 @@ def replay_outbox(args: argparse.Namespace,
                   catalog: Mapping[str, TrialRules]) -> ReplayOutbox | None:
     """An outbox when ``--send-email`` was given, else None."""
     if not getattr(args, "send_email", False):
+        if getattr(args, "email_log", None):
+            print("warning: --email-log has no effect without --send-email", file=sys.stderr)
         return None
     email_log = getattr(args, "email_log", None)
     return ReplayOutbox(Settings(), catalog, Path(email_log) if email_log else None)
@@ -108,7 +111,9 @@ def add_email_command(sub: argparse._SubParsersAction) -> None:
     esub = email_parser.add_subparsers(title="email commands", metavar="COMMAND")
     test = esub.add_parser("test", help="send a sample alert through the configured server",
                            description="Send one sample alert e-mail through MONITOR_SMTP_HOST "
-                           "(one attempt, no retry), to check the SMTP settings.")
+                           "(one attempt, no retry), to check the SMTP settings. Exit status: "
+                           "0 sent to every recipient, 2 no SMTP server set, 3 not sent (or "
+                           "refused for some recipient).")
     test.add_argument("--to", required=True, action="append", metavar="ADDRESS",
                       help="recipient (repeat for more)")
     test.set_defaults(run=run_email_test)

@@ -226,6 +226,9 @@ _READ_ERRORS = (OSError, EOFError, gzip.BadGzipFile, io.UnsupportedOperation)
 
 def parse_as_of(text: str) -> dt.datetime:
     """An ISO 8601 date (its start, 00:00 UTC) or date-time with offset."""
+    if len(text) == 8 and text.isdigit():  # fromisoformat reads it as a naive date-time
+        raise ValueError(f"--as-of: {text!r}: write the date as YYYY-MM-DD "
+                         f"({text[:4]}-{text[4:6]}-{text[6:]})")
     try:
         if len(text) == 10:
             return dt.datetime.combine(dt.date.fromisoformat(text), dt.time(), tzinfo=dt.UTC)

@@ -256,3 +256,13 @@ def test_a_byte_order_mark_before_the_first_line_is_not_part_of_it(capsys, tmp_p
     assert replay_json(capsys, str(marked))["events"] == plain["events"]
     marked.write_bytes(gzip.compress(marked.read_bytes()))
     assert replay_json(capsys, str(marked), "--jobs", "2")["events"] == plain["events"]
+
+
+def test_options_that_need_another_say_so_and_a_basic_date_is_named(capsys) -> None:
+    assert main(["replay", str(SAMPLE), "--rules", str(RULES), "--format", "json",
+                 "--email-log", "x.jsonl", "--metrics-hold", "5"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: --email-log has no effect without --send-email" in err
+    assert "warning: --metrics-hold has no effect without --metrics-port" in err
+    assert main(["replay", str(SAMPLE), "--rules", str(RULES), "--as-of", "20220830"]) == 2
+    assert "'20220830': write the date as YYYY-MM-DD (2022-08-30)" in capsys.readouterr().err
