@@ -15,7 +15,14 @@ from rich.console import Console
 
 from .cli_email import add_email_command, add_send_email_options, replay_outbox
 from .engine.rules import RulesError
-from .replay import LogUnreadable, open_log, parse_as_of, read_lines, replaying_once
+from .replay import (
+    LogUnreadable,
+    Unavailable,
+    open_log,
+    parse_as_of,
+    read_lines,
+    replaying_once,
+)
 from .rules_loader import load_rules_dir, rule_files
 from .settings import Settings, settings_problems
 from .shards import replay_log
@@ -49,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     except RulesError as exc:
         err.print("[red]rules error:[/]\n" + "\n".join(f"  {p}" for p in exc.problems))
         return EXIT_USAGE
-    except LogUnreadable as exc:
+    except Unavailable as exc:  # a log, a broker, the demo's worker
         err.print(f"[red]error:[/] {exc}")
         return EXIT_UNREADABLE
     except BrokenPipeError:
@@ -94,7 +101,6 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from .demo import DemoFailed
     from .demo import run_demo as demo
 
     settings = settings_from(args)
@@ -102,11 +108,7 @@ def run_demo(args: argparse.Namespace) -> int:
     log = Path(args.log)
     if not log.is_file():
         raise LogUnreadable(f"{log}: no such log")
-    try:
-        return demo(settings, log, args.exit_when_done)
-    except DemoFailed as exc:
-        Console(stderr=True, highlight=False, soft_wrap=True).print(f"[red]error:[/] {exc}")
-        return EXIT_UNREADABLE
+    return demo(settings, log, args.exit_when_done)
 
 
 def _rules_dir(value: str | None) -> Path:
@@ -150,15 +152,11 @@ def settings_from(args: argparse.Namespace, **extra: object) -> Settings:
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    from .runner import BrokerUnreachable, run_worker_process
+    from .runner import run_worker_process
 
     settings = settings_from(args)
     catalog = load_rules_dir(settings.rules_dir)
-    try:
-        return run_worker_process(settings, catalog, args.loglevel)
-    except BrokerUnreachable as exc:
-        Console(stderr=True, highlight=False, soft_wrap=True).print(f"[red]error:[/] {exc}")
-        return EXIT_UNREADABLE
+    return run_worker_process(settings, catalog, args.loglevel)
 
 
 def _add_publish(sub: argparse._SubParsersAction) -> None:
@@ -176,7 +174,7 @@ def run_publish(args: argparse.Namespace) -> int:
     from aiokafka.errors import KafkaError
 
     from .publish import publish
-    from .runner import BrokerUnreachable, check_broker
+    from .runner import check_broker
 
     settings = settings_from(args)
     if settings.broker is None:
@@ -192,9 +190,8 @@ def run_publish(args: argparse.Namespace) -> int:
                                        _with_progress(lines, raw, size or 0) if size and
                                        sys.stderr.isatty() else lines, settings.partitions,
                                        too_large=too_large))
-    except (BrokerUnreachable, KafkaError) as exc:
-        err.print(f"[red]error:[/] {exc}")
-        return EXIT_UNREADABLE
+    except KafkaError as exc:
+        raise Unavailable(f"publishing to {settings.broker}: {exc}") from None
     err.print(f"published {sent} events to {settings.events_topic}")
     for number, length in too_large:
         err.print(f"[red]error:[/] line {number} not sent: {length:,} bytes, over the "

@@ -26,12 +26,12 @@ from rich.console import Console
 from .embedded import LocalMailbox
 from .engine.events import Rejection, parse_event
 from .publish import publish
-from .replay import open_log, read_lines
+from .replay import Unavailable, open_log, read_lines
 from .runner import broker_for
 from .settings import Settings
 
 
-class DemoFailed(Exception):
+class DemoFailed(Unavailable):
     """The worker stopped, or did not get there in time; the message ends with the last
     lines of its log and where the log is."""
 
@@ -132,7 +132,6 @@ def run_demo(settings: Settings, log_path: Path, exit_when_done: bool) -> int:
     worker_log = settings.state_dir / "worker.log"
     with broker_for(settings) as settings, mailbox_for(settings) as (settings, mail_dir):
         base = f"http://{settings.web_host}:{settings.web_port}"
-        settings.state_dir.mkdir(parents=True, exist_ok=True)
         with worker_process(settings, worker_log) as worker:
             out.print(f"worker starting (log: {worker_log}) ...")
             wait_until(lambda: get_json(f"{base}/readyz")[0] == 200, 120, "starting",

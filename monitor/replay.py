@@ -21,7 +21,7 @@ from typing import BinaryIO
 import msgspec
 
 from .engine.alerts import AlertTransition
-from .engine.events import Rejection, decode_event, parse_event
+from .engine.events import UTF8_BOM, Rejection, decode_event, parse_event
 from .engine.rules import TrialRules
 from .engine.state import DUPLICATE, step
 from .engine.trials import Trials
@@ -29,7 +29,12 @@ from .engine.trials import Trials
 GZIP_MAGIC = b"\x1f\x8b"
 
 
-class LogUnreadable(Exception):
+class Unavailable(Exception):
+    """Something outside the call is not there (a log, a broker, a worker that would
+    not start): one line and exit status 1."""
+
+
+class LogUnreadable(Unavailable):
     """The log cannot be read (missing, unreadable, corrupt gzip): exit status 1."""
 
 
@@ -198,7 +203,7 @@ def read_lines(stream: BinaryIO, source: str) -> Iterator[bytes]:
     try:
         first = stream.readline()
         if first:
-            yield first.removeprefix(BOM)
+            yield first.removeprefix(UTF8_BOM)
         yield from stream
     except _READ_ERRORS as exc:
         raise LogUnreadable(f"{source}: the log cannot be read to the end: {exc}") from None
@@ -210,15 +215,12 @@ def read_chunks(stream: BinaryIO, source: str, size: int = 1 << 20) -> Iterator[
     try:
         chunk = stream.readlines(size)
         if chunk:
-            chunk[0] = chunk[0].removeprefix(BOM)
+            chunk[0] = chunk[0].removeprefix(UTF8_BOM)
         while chunk:
             yield chunk
             chunk = stream.readlines(size)
     except _READ_ERRORS as exc:
         raise LogUnreadable(f"{source}: the log cannot be read to the end: {exc}") from None
-
-
-BOM = b"\xef\xbb\xbf"
 
 
 _READ_ERRORS = (OSError, EOFError, gzip.BadGzipFile, io.UnsupportedOperation)

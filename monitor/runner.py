@@ -6,18 +6,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from .engine.rules import TrialRules
+from .replay import Unavailable
 from .settings import Settings, broker_servers, host_port
 
 BROKER_CONNECT_TIMEOUT = 5.0  # seconds, for the check that a configured broker answers
 
 
-class BrokerUnreachable(Exception):
+class BrokerUnreachable(Unavailable):
     """No broker of MONITOR_BROKER accepts a connection: exit status 1."""
 
 
@@ -69,8 +71,6 @@ def check_environment(settings: Settings) -> None:
     mistake is one line rather than a traceback: the state folder (created), the web
     port (free), and a configured broker (answers). ValueError names the setting;
     `BrokerUnreachable` when no broker answers."""
-    import socket
-
     try:
         settings.state_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -91,8 +91,6 @@ def check_environment(settings: Settings) -> None:
 
 def check_broker(url: str) -> None:
     """`BrokerUnreachable` unless a broker of ``url`` accepts a TCP connection."""
-    import socket
-
     failures = []
     for host, port in broker_servers(url):
         try:

@@ -174,7 +174,7 @@ def _child(pipe: Connection, path: str, catalog: dict[str, TrialRules],
         if result is None:
             pipe.send(("misread", None))
             return
-        pipe.send(("done", _PART.encode(_summary(result))))
+        pipe.send(("done", _encode_part(_summary(result))))
         while True:
             pipe.send(result.trials.report(pipe.recv()))
     except (EOFError, BrokenPipeError, KeyboardInterrupt):
@@ -193,7 +193,7 @@ class Part(msgspec.Struct, array_like=True, gc=False):
     last_recorded_at: list[tuple[int, dt.datetime]]
 
 
-_PART = msgspec.json.Encoder()
+_encode_part = msgspec.json.Encoder().encode
 _decode_part = msgspec.json.Decoder(Part).decode
 
 

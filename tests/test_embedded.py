@@ -7,7 +7,7 @@ import aiosmtplib
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from monitor.embedded import EmbeddedBroker, LocalMailbox, kafka_metadata_probe
+from monitor.embedded import EmbeddedBroker, LocalMailbox, free_port, kafka_metadata_probe
 
 
 def unique(prefix: str) -> str:
@@ -92,7 +92,6 @@ async def test_mailbox_outage_refuses_mail_then_recovers_on_the_same_port(
 async def test_publish_takes_a_url_of_several_brokers(kafka_broker: str,
                                                       kafka_bootstrap_servers: str) -> None:
     """``kafka://a:1;b:2``: the clients try each broker; a dead first one is passed over."""
-    from monitor.embedded import free_port
     from monitor.publish import publish
 
     topic = unique("several")
@@ -134,12 +133,6 @@ def test_publish_sends_what_fits_and_names_each_line_too_large(
             await consumer.stop()
 
     assert asyncio.run(read()) == [b'{"trial_id": "T.1", "n": 1}', b'{"trial_id": "T.1", "n": 3}']
-    dead = embedded_free_port()
+    dead = free_port()
     assert main(["publish", "--broker", f"kafka://127.0.0.1:{dead}", str(log)]) == 1
     assert f"no broker answers (127.0.0.1:{dead}: Connection refused)" in capsys.readouterr().err
-
-
-def embedded_free_port() -> int:
-    from monitor.embedded import free_port
-
-    return free_port()

@@ -330,9 +330,12 @@ def _not_json(raw: bytes | str, exc: msgspec.DecodeError) -> Rejection:
     if "UTF-8" in str(exc) and not _is_utf8(raw):
         return _NOT_UTF8
     detail = str(exc).removeprefix("JSON is malformed: ")
-    if raw.startswith(b"\xef\xbb\xbf" if isinstance(raw, bytes) else "\ufeff"):
+    if raw.startswith(UTF8_BOM if isinstance(raw, bytes) else "\ufeff"):
         detail = "it starts with a UTF-8 byte-order mark; send the JSON without it"
     return Rejection(reason=f"not JSON ({detail}); each line must be one JSON object")
+
+
+UTF8_BOM = b"\xef\xbb\xbf"  # some Windows tools start a UTF-8 file with it
 
 
 class _Number(str):
