@@ -249,7 +249,7 @@ def run_replay(args: argparse.Namespace) -> int:
 
 
 def _replay_and_report(args: argparse.Namespace, exporter) -> int:  # noqa: ANN001
-    as_of = parse_as_of(args.as_of) if args.as_of else None
+    as_of = parse_as_of(args.as_of) if args.as_of is not None else None  # "": an error
     catalog = load_rules_dir(_rules_dir(args.rules))
     outbox = replay_outbox(args, catalog)  # None unless --send-email
     # the metrics exporter reads every trial's state: one process holds them all

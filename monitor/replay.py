@@ -228,6 +228,9 @@ _READ_ERRORS = (OSError, EOFError, gzip.BadGzipFile, io.UnsupportedOperation)
 
 def parse_as_of(text: str) -> dt.datetime:
     """An ISO 8601 date (its start, 00:00 UTC) or date-time with offset."""
+    if not text.strip():  # `--as-of "$DATE"` with DATE unset: not "the last recorded_at"
+        raise ValueError("--as-of is empty; give a date (YYYY-MM-DD) or a date-time with "
+                         "offset, or leave the option out for the last recorded_at")
     if len(text) == 8 and text.isdigit():  # fromisoformat reads it as a naive date-time
         raise ValueError(f"--as-of: {text!r}: write the date as YYYY-MM-DD "
                          f"({text[:4]}-{text[4:6]}-{text[6:]})")

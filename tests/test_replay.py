@@ -138,6 +138,8 @@ def test_table_form_shows_the_trial(capsys) -> None:
     (["replay", "no/such/log.jsonl"], 1, "cannot open the log"),
     (["replay", str(SAMPLE), "--as-of", "yesterday"], 2, "--as-of: 'yesterday' is not"),
     (["replay", str(SAMPLE), "--as-of", "2021-06-01T00:00:00"], 2, "has no UTC offset"),
+    (["replay", str(SAMPLE), "--as-of", ""], 2, "--as-of is empty; give a date"),
+    (["replay", str(SAMPLE), "--as-of", " "], 2, "--as-of is empty; give a date"),
     (["replay", str(SAMPLE), "--rules", "no/such/rules"], 2, "no such rules folder"),
 ])
 def test_exit_status_and_one_line_errors(capsys, args, status, message) -> None:
