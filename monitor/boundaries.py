@@ -484,7 +484,7 @@ def _from_rules(args: argparse.Namespace) -> list[BoundaryReport]:
     chosen = boundary_rules(catalog, args.rule)
     if args.log is None:
         return [rule_report(rule, trial) for trial, rule in chosen]
-    as_of = parse_as_of(args.as_of) if args.as_of else None
+    as_of = parse_as_of(args.as_of) if args.as_of is not None else None
     trials, as_of_text = replay_observed(args.log, as_of, catalog)
     for trial_id in sorted({trial_id for trial_id, _ in chosen} - set(trials.trials)):
         Console(stderr=True, highlight=False, soft_wrap=True).print(

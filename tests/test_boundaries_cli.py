@@ -194,6 +194,7 @@ def test_observed_path_takes_subjects_in_order_of_first_infusion() -> None:
     (["no/such/rules.yaml"], "no/such/rules.yaml: no such rules file or folder"),
     ([str(ISC_RULES), "--as-of", "2021-01-01"], "--as-of goes with --log"),
     ([str(ISC_RULES), "--log", str(SAMPLE), "--as-of", "June"], "--as-of: 'June' is not"),
+    ([str(ISC_RULES), "--log", str(SAMPLE), "--as-of", ""], "--as-of is empty"),
     ([*DESIGN, "--format", "png", "-o", "no/such/folder/x.png"],
      "no/such/folder/x.png: cannot write"),
 ])
