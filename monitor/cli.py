@@ -262,6 +262,10 @@ def _replay_and_report(args: argparse.Namespace, exporter) -> int:  # noqa: ANN0
         report = result.to_json()
     finally:
         result.close()
+    if as_of is None and result.trials.last_recorded_at() is None:
+        print(f"warning: {args.log} holds no valid event ({result.read} read, "
+              f"{len(result.rejected)} rejected): nothing to report, and as_of shows "
+              f"{report['as_of'][:10]} for want of a recorded_at", file=sys.stderr)
     if args.format == "json":
         sys.stdout.buffer.write(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
     else:

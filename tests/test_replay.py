@@ -268,3 +268,15 @@ def test_options_that_need_another_say_so_and_a_basic_date_is_named(capsys) -> N
     assert "warning: --metrics-hold has no effect without --metrics-port" in err
     assert main(["replay", str(SAMPLE), "--rules", str(RULES), "--as-of", "20220830"]) == 2
     assert "'20220830': write the date as YYYY-MM-DD (2022-08-30)" in capsys.readouterr().err
+
+
+def test_a_log_without_a_valid_event_says_so(capsys, tmp_path) -> None:
+    log = tmp_path / "nothing.jsonl"
+    log.write_text('{"type": "adverse_event"}\n\n')
+    assert main(["replay", str(log), "--rules", str(RULES), "--format", "json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["events"]["rejected"] == 1
+    assert (f"warning: {log} holds no valid event (1 read, 1 rejected): nothing to report, "
+            "and as_of shows 1970-01-01 for want of a recorded_at") in captured.err
+    assert main(["replay", str(log), "--rules", str(RULES), "--as-of", "2022-01-01"]) == 0
+    assert "warning" not in capsys.readouterr().err  # the date is the user's own
