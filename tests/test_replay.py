@@ -280,3 +280,36 @@ def test_a_log_without_a_valid_event_says_so(capsys, tmp_path) -> None:
             "and as_of shows 1970-01-01 for want of a recorded_at") in captured.err
     assert main(["replay", str(log), "--rules", str(RULES), "--as-of", "2022-01-01"]) == 0
     assert "warning" not in capsys.readouterr().err  # the date is the user's own
+
+
+def test_a_partial_onset_reported_before_the_infusion_is_pre_treatment(capsys,
+                                                                      tmp_path) -> None:
+    """`2021-03` reported on 03-05 cannot be placed on an infusion day after it: the AE
+    is pre-treatment, not a day-0 SAE (it would raise the halt of related-sae)."""
+    lines = []
+    for subject, infused_on in (("S1", "2021-03-10"), ("S2", "2021-03-12")):
+        lines.append({"type": "adverse_event", "trial_id": "ISC.19.29", "subject_id": subject,
+                      "event_id": f"a{subject}", "recorded_at": "2021-03-05T09:00:00+00:00",
+                      "ae_id": f"AE-{subject}", "version": 1, "term": "Headache",
+                      "onset": "2021-03", "grade": 3, "serious": True})
+        lines.append({"type": "infusion", "trial_id": "ISC.19.29", "subject_id": subject,
+                      "event_id": f"i{subject}", "recorded_at": f"{infused_on}T12:00:00+00:00",
+                      "infused_at": infused_on, "dose_number": 1})
+    log = tmp_path / "screening.jsonl"
+    log.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    report = replay_json(capsys, str(log))
+    trial = report["trials"]["ISC.19.29"]
+    assert trial["primary_endpoint"]["sae"] == 0
+    assert trial["adverse_events"]["pre_treatment"] == 2
+    assert report["alerts"] == []
+
+
+def test_an_infusion_dated_in_the_year_9999_is_read_like_any_other(capsys, tmp_path) -> None:
+    placeholder = {"type": "infusion", "trial_id": "ISC.19.29", "subject_id": "S1",
+                   "event_id": "i1", "recorded_at": "2021-03-10T12:00:00+00:00",
+                   "infused_at": "9999-06-01", "dose_number": 1}
+    log = tmp_path / "placeholder.jsonl"
+    log.write_text(json.dumps(placeholder) + "\n")
+    report = replay_json(capsys, str(log), "--as-of", "2021-04-01")
+    assert report["events"]["accepted"] == 1
+    assert report["trials"]["ISC.19.29"]["subjects"]["infused"] == 1

@@ -202,11 +202,14 @@ class AdverseEvent(BaseEvent, tag="adverse_event"):
             if not _STORED.get():
                 raise
             lo, hi, precision = partial_date_range("onset", self.onset, loose=True)
-        self.onset_earliest, self.onset_latest, self.onset_precision = lo, hi, precision
         reported = self.recorded_at.date()
         if lo > reported:
             raise BadValue(f"onset: '{self.onset}' is after recorded_at "
                            f"({reported.isoformat()}); an AE cannot start after it was reported")
+        # nor can the days of a partial onset after it was reported: `2021-03` reported on
+        # 2021-03-05 lies in 03-01 .. 03-05, so an infusion on 03-10 cannot place it at 03-10
+        self.onset_earliest, self.onset_latest, self.onset_precision = lo, min(hi, reported), \
+            precision
 
     @property
     def related(self) -> bool:

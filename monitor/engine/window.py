@@ -13,7 +13,9 @@ the last day post-window; both are kept and reported, never counted as in-window
 
 A partial onset (``2021-03``, ``2021``) is placed at the earliest date the partial date
 allows that is not before the first infusion (treatment-emergent imputation, as in
-pharmaverse admiral); a known component is never changed. So ``2020-11`` for a subject
+pharmaverse admiral); a known component is never changed, and no date after the day the
+AE was reported is allowed (``2021-03`` reported on 2021-03-05 is 03-01 for a subject
+first infused on 03-10: pre-treatment). So ``2020-11`` for a subject
 first infused on 2020-12-06 is 2020-11-01 (pre-treatment) and ``2021`` for a subject
 first infused on 2021-03-10 is 2021-03-10 (day 0). An AE of a subject with no infusion
 yet has no place: it waits (``AWAITING_INFUSION``) until the infusion arrives.
@@ -41,10 +43,14 @@ class WindowLength:
     days: int | None = None
 
     def last_day(self, first_infusion: dt.date) -> dt.date:
-        """The last day inside the window (inclusive) of a subject first infused then."""
-        if self.days is not None:
-            return first_infusion + dt.timedelta(days=self.days)
-        return add_months(first_infusion, self.months or 0)
+        """The last day inside the window (inclusive) of a subject first infused then; a
+        window that would end after 9999-12-31 ends then."""
+        try:
+            if self.days is not None:
+                return first_infusion + dt.timedelta(days=self.days)
+            return add_months(first_infusion, self.months or 0)
+        except (OverflowError, ValueError):  # past the last date Python has: year 9999
+            return dt.date.max
 
 
 def add_months(day: dt.date, months: int) -> dt.date:

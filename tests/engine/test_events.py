@@ -202,3 +202,16 @@ def test_builders_make_valid_events() -> None:
     for message in (ae("S", "A", "2021-01-02"), infusion("S", "2021-01-01"),
                     status("S", "withdrawn", "2021-05-01")):
         assert not isinstance(parsed(message), Rejection), message
+
+
+@pytest.mark.parametrize("onset, reported, latest", [
+    ("2021-03", "2021-03-05", dt.date(2021, 3, 5)),  # its days after the report cannot be
+    ("2021", "2021-02-15", dt.date(2021, 2, 15)),
+    ("2021-03", "2021-04-01", dt.date(2021, 3, 31)),  # the whole month was before it
+    ("2021-03-05", "2021-03-05", dt.date(2021, 3, 5)),
+])
+def test_a_partial_onset_ends_no_later_than_the_day_it_was_reported(onset, reported,
+                                                                      latest) -> None:
+    message = parsed({**GOOD_AE, "onset": onset, "recorded_at": f"{reported}T09:00:00+07:00"})
+    assert isinstance(message, AdverseEvent), message
+    assert message.onset_latest == latest

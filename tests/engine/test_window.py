@@ -64,6 +64,12 @@ def test_add_months_clamps_to_the_months_last_day(day, months, expected) -> None
     assert add_months(day, months) == expected
 
 
+def test_a_window_past_the_year_9999_ends_on_its_last_day() -> None:
+    assert WindowLength().last_day(D(9999, 6, 1)) == D.max
+    assert WindowLength(months=None, days=365).last_day(D(9999, 6, 1)) == D.max
+    assert WindowLength().last_day(D(9998, 12, 31)) == D(9999, 12, 31)
+
+
 def test_a_window_in_days() -> None:
     days = WindowLength(months=None, days=365)
     assert days.last_day(D(2020, 3, 1)) == D(2021, 3, 1)
