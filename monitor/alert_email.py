@@ -199,6 +199,11 @@ def _boundary_lines(alert: AlertTransition, detail: Mapping, value: str) -> list
              + (f" among {quantity(subjects, 'subject')} infused so far" if subjects else "")
              + (f"; the boundary stops at {number(stop)}." if stop is not None else
                 "; no count can stop the trial at this look.")]
+    if (crossed := detail.get("crossed")) is not None:
+        lines.append(f"The boundary was crossed at {quantity(crossed['subjects'], 'subject')}"
+                     f" infused: {number(crossed['count'])} of them with a matching adverse "
+                     f"event, where it stops at {number(crossed['stop_at'])}. A crossed "
+                     "boundary stays crossed as more subjects are infused.")
     if (posterior := detail.get("posterior_probability")) is not None:
         lines.append(f"Posterior probability that the rate exceeds {detail.get('rate')}: "
                      f"{posterior:.3f} (stops above {detail.get('probability')}).")

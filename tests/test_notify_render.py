@@ -239,3 +239,18 @@ def test_readme_shows_the_alert_as_it_is_rendered_now() -> None:
     start = section.index("```text\n") + len("```text\n")
     shown = section[start:section.index("\n```", start)]
     assert shown == readme_alert_text(), "paste the fresh text into README.md"
+
+
+def test_a_boundary_alert_says_where_it_crossed_and_that_it_stays_crossed() -> None:
+    crossed = AlertTransition(
+        id="ISC.19.29/tox/1", trial_id="ISC.19.29", rule_id="related-sae",
+        kind="toxicity_boundary", severity="halt", episode=1, sequence=2,
+        transition="updated", event_id="evt-0906", recorded_at=RECORDED, value=2,
+        threshold=2, evidence=(PERITONITIS, CONFUSION),
+        detail={"subjects": 5, "count": 2, "stop_at": 3, "look": 5, "planned_subjects": 20,
+                "proportion": 0.4, "crossed": {"subjects": 2, "count": 2, "stop_at": 2}})
+    text = " ".join(text_of(render(crossed, RULES)).split())
+    assert "2 subjects with a matching adverse event among 5 subjects infused so far" in text
+    assert ("The boundary was crossed at 2 subjects infused: 2 of them with a matching "
+            "adverse event, where it stops at 2. A crossed boundary stays crossed as more "
+            "subjects are infused.") in text

@@ -1,8 +1,11 @@
 """Stopping-boundary rule kinds (SPEC section 4): ``toxicity_boundary`` and ``bayesian``.
 
 The numerator is the subjects with a matching AE, the denominator the subjects infused
-so far. Each rule computes its boundary once, when the rules load (`monitor.engine.stats`),
-so an event costs one comparison.
+so far, look by look in order of first infusion: a rule is breached once a look crosses
+its boundary, and more subjects infused later do not undo that (`BoundaryTracker`). Each
+rule computes its boundary once, when the rules load (`monitor.engine.stats`), so an
+event costs a comparison or, when a subject is infused or its AE starts or stops
+counting, a pass over the subjects infused.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from . import stats
-from .kinds import Rule, RuleResult, Tally
+from .kinds import EvidenceItem, Rule, RuleResult, Tally
 
 LOOKS_HINT = "give a range like 1-20, a list like 5,10,15,20, or both like 1-10,15,20"
 
@@ -163,41 +166,102 @@ class BayesianRule(BoundaryRule):
 
 
 class BoundaryTracker(Tally):
-    """Subjects with a matching AE against the boundary at the subjects infused so far.
-    ``infused`` looks the stop_at up once per newly infused subject, so ``breached`` is a
-    comparison; ``result`` builds the detail an alert carries."""
+    """Subjects with a matching AE against the boundary, look by look.
 
-    __slots__ = ("rule", "boundary", "subjects", "stop_at")
+    The subjects infused so far are taken in order of their first infusion day; after
+    each day is a look at the n subjects infused up to then (between a rule's looks the
+    latest look's count holds, as `stats.Boundary.stop_count` says), counting those of
+    the n with a matching AE. The rule is breached once some look's count reaches its
+    boundary, and stays breached as more subjects are infused: the boundary's alpha is
+    its chance of crossing at any look, so a crossing means stop, and no new subject
+    makes it "resolved". Only corrections that take evidence away (or a subject found to
+    be infused earlier) can undo a crossing. Subjects infused on one day are one look.
+    This depends on the events known, not on the order they arrived in."""
+
+    __slots__ = ("rule", "boundary", "order", "stops", "crossed", "_count")
 
     def __init__(self, rule: BoundaryRule) -> None:
         super().__init__()
         self.rule, self.boundary = rule, rule.boundary
-        self.subjects, self.stop_at = 0, None
+        self.order: tuple[tuple[object, str], ...] = ()  # (first infusion day, subject)
+        self.stops = [self.boundary.stop_count(0)]  # the count that stops, by subjects
+        self.crossed: tuple[int, int] | None = None  # the first look that crossed: (n, count)
+        self._count = 0  # subjects of `order` with a matching AE
 
-    def infused(self, subjects: int) -> bool:
-        """The subjects infused so far; True when that moves the count that stops."""
-        stop = self.boundary.stop_count(subjects)
-        changed = stop != self.stop_at
-        self.subjects, self.stop_at = subjects, stop
-        return changed
+    @property
+    def subjects(self) -> int:
+        return len(self.order)
+
+    @property
+    def stop_at(self) -> int | None:
+        """The count that stops with the subjects infused now."""
+        return self.stops[len(self.order)]
+
+    def infused(self, order: tuple[tuple[object, str], ...]) -> bool:
+        """The subjects infused so far, in order; True when that moves the rule's state
+        or the bar it shows. (`stop_count` is looked up once per number of subjects.)"""
+        before = (self.crossed, self.stop_at)
+        grown = len(order) == len(self.order) + 1 and order[:-1] == self.order
+        last_day_grows = grown and (not self.order or self.order[-1][0] != order[-1][0])
+        self.order = order
+        while len(self.stops) <= len(order):
+            self.stops.append(self.boundary.stop_count(len(self.stops)))
+        if last_day_grows:  # the usual: one more subject, on a day of its own, at the end
+            self._count += order[-1][1] in self.items
+            self._look(len(order), self._count)
+        else:
+            self._cross()
+        return (self.crossed, self.stop_at) != before
+
+    def set(self, subject_id: str, key: str, item: EvidenceItem | None) -> bool:
+        had = subject_id in self.items
+        if not Tally.set(self, subject_id, key, item):
+            return False
+        if (subject_id in self.items) != had:  # the subject's AE counts now, or no longer
+            self._cross()
+        return True
+
+    def _look(self, subjects: int, count: int) -> None:
+        stop = self.stops[subjects]
+        if self.crossed is None and stop is not None and count >= stop:
+            self.crossed = (subjects, count)
+
+    def _cross(self) -> None:
+        """Find the first look that crosses (looks after each infusion day)."""
+        self.crossed, count, order, items = None, 0, self.order, self.items
+        for n, (day, subject_id) in enumerate(order, 1):
+            count += subject_id in items
+            if n == len(order) or order[n][0] != day:  # the day's last subject: a look
+                self._look(n, count)
+                if self.crossed is not None:
+                    break
+        self._count = sum(subject_id in items for _day, subject_id in order)
 
     def value(self) -> int:
         return len(self.items)
 
     def breached(self) -> bool:
-        return self.stop_at is not None and len(self.items) >= self.stop_at
+        return self.crossed is not None
 
     def result(self) -> RuleResult:
-        """The threshold is the count that stops now; where none can, one more than the
-        subjects infused (out of reach), and the detail's ``stop_at`` is None."""
-        count, stop, subjects = len(self.items), self.stop_at, self.subjects
+        """The value is every subject with a matching AE; the threshold, once crossed,
+        the count that stopped at the crossing look (the detail's ``crossed``), else the
+        count that stops now; where none can, one more than the subjects infused (out
+        of reach), and the detail's ``stop_at`` is None."""
+        count, stop, subjects, crossed = len(self.items), self.stop_at, self.subjects, \
+            self.crossed
         detail = {
             "subjects": subjects, "count": count, "stop_at": stop,
             "look": max((n for n in self.boundary.looks if n <= subjects), default=None),
             "planned_subjects": self.boundary.planned_subjects,
             "proportion": count / subjects if subjects else None,
+            "crossed": None if crossed is None else {
+                "subjects": crossed[0], "count": crossed[1], "stop_at": self.stops[crossed[0]]},
             **self.rule.detail(subjects, count),
         }
-        threshold = subjects + 1 if stop is None else stop
-        return RuleResult(count, threshold, self.breached(), self.all_items(), detail,
+        if crossed is not None:
+            threshold = self.stops[crossed[0]]
+        else:
+            threshold = subjects + 1 if stop is None else stop
+        return RuleResult(count, threshold, crossed is not None, self.all_items(), detail,
                           self.evidence_keys())

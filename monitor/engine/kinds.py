@@ -169,7 +169,8 @@ class Rule(BaseModel):
     # Which changes the engine tells this kind's tracker about, besides nothing:
     watches_adverse_events: ClassVar[bool] = True  # tracker.set(subject, ae_id, item)
     watches_halts: ClassVar[bool] = False  # tracker.set(subject, infusion_id, item)
-    watches_infused: ClassVar[bool] = False  # tracker.infused(n) -> changed
+    watches_infused: ClassVar[bool] = False  # tracker.infused(order) -> changed, order:
+    # ((first infusion day, subject id), ...) of the subjects infused so far, in order
 
     def evidence_for(self, subject_id: str, ae: AdverseEvent, placement: Placement,
                      infusions: Sequence[dt.date]) -> EvidenceItem | None:

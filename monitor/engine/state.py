@@ -234,6 +234,8 @@ class TrialState:
     # per rule, the evidence keys of its last decision (None: unknown, see rebuild)
     evidence: dict[str, tuple[str, ...] | None] = field(default_factory=dict)
     infusion_days: dict[str, tuple[dt.date, dt.date, list[dt.date]]] = field(default_factory=dict)
+    # (first infusion day, subject id) of every infused subject, in order
+    infusion_order: list[tuple[dt.date, str]] = field(default_factory=list)
 
     def placement(self, subject_id: str, ae: AdverseEvent) -> Placement:
         known = self.infusion_days.get(subject_id)
@@ -266,7 +268,7 @@ def rebuild(trial: TrialState) -> TrialState:
         ((r, r.match.in_window, r.match.grade_min or 1,
           r.match.checks_after_grade + r.extra_checks(), trial.trackers[r.id])
          for r in rules if r.watches_adverse_events), key=lambda plan: plan[2]))
-    trial.infusion_days, trial.counts = {}, Counts()
+    trial.infusion_days, trial.infusion_order, trial.counts = {}, [], Counts()
     for subject in trial.subjects.values():
         _count_subject(trial.counts, subject)
         tracking.cache_infusions(trial, subject)
@@ -399,11 +401,10 @@ def _apply_ae(trial: TrialState, subject: Subject, history: AeHistory,
 
 def _apply_infusion(trial: TrialState, subject: Subject, header: SubjectHeader,
                     infusion: Infusion, _position: int | None) -> list[Rule]:
-    newly_infused = not header.infusions
     header.infusions.append(infusion)
-    tracking.cache_infusions(trial, subject)
+    first_changed = tracking.cache_infusions(trial, subject)
     dirty = tracking.track_subject(trial, subject)
-    if newly_infused:
+    if first_changed:  # a subject infused, or infused earlier than known: the order moves
         dirty += tracking.track_infused(trial)
     # the halt episodes have not changed since the trackers last saw them (alerts come
     # only after this): the new infusion is all that a rule watching halts can gain

@@ -6,6 +6,7 @@ pure like the rest of the engine.
 
 from __future__ import annotations
 
+from bisect import bisect_left, insort
 from typing import TYPE_CHECKING
 
 from . import alerts
@@ -17,14 +18,24 @@ if TYPE_CHECKING:
     from .state import Subject, TrialState
 
 
-def cache_infusions(trial: TrialState, subject: Subject) -> None:
-    """(first infusion, last day of the window, every infusion day) of the subject."""
-    if subject.infusions:
-        days = sorted(i.infused_on for i in subject.infusions)
-        known = trial.infusion_days.get(subject.subject_id)
-        last = known[1] if known is not None and known[0] == days[0] \
-            else trial.window.last_day(days[0])  # the same first infusion: the same window
-        trial.infusion_days[subject.subject_id] = (days[0], last, days)
+def cache_infusions(trial: TrialState, subject: Subject) -> bool:
+    """(first infusion, last day of the window, every infusion day) of the subject, and
+    its place in `TrialState.infusion_order`; True when its first infusion day changed
+    (or it has its first infusion)."""
+    if not subject.infusions:
+        return False
+    days = sorted(i.infused_on for i in subject.infusions)
+    subject_id = subject.subject_id
+    known = trial.infusion_days.get(subject_id)
+    same = known is not None and known[0] == days[0]
+    last = known[1] if same else trial.window.last_day(days[0])  # same first day: same window
+    trial.infusion_days[subject_id] = (days[0], last, days)
+    if not same:
+        order = trial.infusion_order
+        if known is not None:
+            del order[bisect_left(order, (known[0], subject_id))]
+        insort(order, (days[0], subject_id))
+    return not same
 
 
 def track_ae(trial: TrialState, subject_id: str, ae: AdverseEvent,
@@ -80,10 +91,10 @@ def track_subject(trial: TrialState, subject: Subject) -> list[Rule]:
 
 
 def track_infused(trial: TrialState) -> list[Rule]:
-    """Tell the rules whose denominator is the subjects infused so far."""
+    """Tell the rules whose denominator is the subjects infused so far, in order."""
     rules = trial.rules.rules if trial.rules else ()
-    infused = len(trial.infusion_days)
-    return [r for r in rules if r.watches_infused and trial.trackers[r.id].infused(infused)]
+    order = tuple(trial.infusion_order)
+    return [r for r in rules if r.watches_infused and trial.trackers[r.id].infused(order)]
 
 
 def track_halts(trial: TrialState,

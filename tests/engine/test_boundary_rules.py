@@ -1,8 +1,9 @@
 """Rule kinds ``toxicity_boundary`` and ``bayesian`` in the engine (SPEC section 4).
 
 The count is the subjects with a matching AE, the denominator the subjects infused so
-far; the rule is breached when the count reaches the boundary's stop_at for that many
-subjects. Boundaries of the ISC.19.29 design (p0 0.10, alpha 0.10, Pocock, looks 1-20)::
+far, look by look (after each infusion day, in order of first infusion); the rule is
+breached once a look's count reaches the boundary's stop_at for that many subjects.
+Boundaries of the ISC.19.29 design (p0 0.10, alpha 0.10, Pocock, looks 1-20)::
 
     subjects infused  1   2-3  4-8  9-14  15-20
     stop at           -    2    3    4     5
@@ -113,7 +114,8 @@ def test_raised_with_the_count_the_subjects_and_the_boundary_then_resolved_by_co
     assert raised[0].id == f"{TRIAL}/tox/1" and raised[0].severity == "pause"
     assert raised[0].detail == {"subjects": 2, "count": 2, "stop_at": 2, "look": 2,
                                 "planned_subjects": 20, "proportion": 1.0, "p0": 0.1,
-                                "p1": 0.3, "alpha": 0.1, "shape": 0.0}
+                                "p1": 0.3, "alpha": 0.1, "shape": 0.0,
+                                "crossed": {"subjects": 2, "count": 2, "stop_at": 2}}
     assert [(e.subject_id, e.ae_id, e.grade) for e in raised[0].evidence] == [
         ("S01", "A", 3), ("S02", "A", 4)]
     downgrade = toxic("S02", version=2, grade=2)
@@ -144,14 +146,61 @@ def test_count_is_of_subjects_and_evidence_holds_every_matching_ae() -> None:
     assert (state(trials, "tox")["value"], state(trials, "tox")["state"]) == (3, "breached")
 
 
-def test_a_new_subject_raises_the_bar_and_can_resolve_a_breach() -> None:
-    """The count now against the boundary now: 2 of 3 stop, 2 of 4 do not."""
+def test_a_crossed_boundary_stays_crossed_as_more_subjects_are_infused() -> None:
+    """2 of the first 2 stop; subjects infused on later days do not undo that (the
+    boundary's alpha is its chance of crossing at any look: a crossing means stop)."""
+    first_three = [infusion(f"S0{n}", f"2021-01-0{n}") for n in (1, 2, 3)]
+    trials, alerts = run([*first_three, toxic("S01"), toxic("S02")])
+    assert [a.transition for a in alerts if a.rule_id == "tox"] == ["raised"]
+    later = [infusion("S04", "2021-01-20"), infusion("S05", "2021-01-21")]
+    for message in later:
+        assert [a for a in trials.apply(event(message)).alerts if a.rule_id == "tox"] == []
+    result = tracker(trials, "tox").result()
+    assert (result.breached, result.value, result.threshold) == (True, 2, 2)
+    assert result.detail["crossed"] == {"subjects": 2, "count": 2, "stop_at": 2}
+    assert (result.detail["subjects"], result.detail["stop_at"]) == (5, 3)  # the bar now
+    assert state(trials, "tox")["state"] == "breached"
+
+
+def test_subjects_infused_on_one_day_are_one_look() -> None:
+    """Infused the same day, 3 or 4 subjects are one look: 2 of 4 do not stop, so a
+    fourth subject of that day takes back the look at 3 that crossed."""
     trials, alerts = run([*infused(3), toxic("S01"), toxic("S02")])
     assert [a.transition for a in alerts if a.rule_id == "tox"] == ["raised"]
     more = trials.apply(event(infused(1, first=4)[0])).alerts
     tox = [a for a in more if a.rule_id == "tox"]
     assert [(a.transition, a.value, a.threshold) for a in tox] == [("resolved", 2, 3)]
     assert tox[0].detail["subjects"] == 4 and tox[0].detail["stop_at"] == 3
+    assert tox[0].detail["crossed"] is None
+
+
+def test_a_subject_found_infused_earlier_moves_the_looks() -> None:
+    """S03's dose 2 arrives first (day 10); with S01 and S02 toxic, the look at 2 crosses
+    (2 of 2). Then S03's dose 1 of day 1 arrives and S03 comes first: 1 of the first 2
+    does not stop, 2 of the first 3 do. Then S02's AE is downgraded: no look crosses."""
+    messages = [infusion("S01", "2021-01-02"), infusion("S02", "2021-01-03"),
+                infusion("S03", "2021-01-10", dose=2), toxic("S01"), toxic("S02")]
+    trials, _ = run(messages)
+    assert tracker(trials, "tox").result().detail["crossed"] == {
+        "subjects": 2, "count": 2, "stop_at": 2}
+    trials.apply(event(infusion("S03", "2021-01-01")))
+    assert tracker(trials, "tox").result().detail["crossed"] == {
+        "subjects": 3, "count": 2, "stop_at": 2}
+    trials.apply(event(toxic("S02", version=2, grade=2)))
+    assert state(trials, "tox")["state"] == "ok"
+
+
+@given(st.permutations(range(7)))
+@FAST
+def test_the_looks_do_not_depend_on_the_arrival_order(order) -> None:
+    messages = [infusion("S01", "2021-01-01"), infusion("S02", "2021-01-05"),
+                infusion("S03", "2021-01-05"), infusion("S04", "2021-01-09"),
+                toxic("S02"), toxic("S03"), toxic("S04", grade=4)]
+    trials, _ = run([messages[i] for i in order])
+    for rule_id in ("tox", "bayes"):
+        result = tracker(trials, rule_id).result()
+        assert (result.breached, result.value, result.detail["crossed"]) == (
+            True, 3, {"subjects": 3, "count": 2, "stop_at": 2})
 
 
 def test_the_same_bar_for_one_more_subject_changes_no_alert() -> None:
@@ -351,3 +400,24 @@ def test_final_state_does_not_depend_on_arrival_order(messages, rng) -> None:
     shuffled = list(messages)
     rng.shuffle(shuffled)
     assert final_rules(shuffled) == final_rules(messages)
+
+
+@FAST
+@given(trial_log())
+def test_the_crossing_is_the_first_look_that_reaches_the_boundary(messages) -> None:
+    """Against counting every look afresh: subjects by first infusion day (then id), a
+    look after each day's last subject, the count of those so far with a matching AE."""
+    trials, _ = run(messages)
+    firsts = {s: days[0] for s, days in trials.trials[TRIAL].infusion_days.items()}
+    order = sorted(firsts, key=lambda s: (firsts[s], s))
+    for rule_id in ("tox", "bayes"):
+        counted, expected = tracker(trials, rule_id), None
+        for n in range(1, len(order) + 1):
+            if n < len(order) and firsts[order[n]] == firsts[order[n - 1]]:
+                continue  # not the day's last subject: no look here
+            count = sum(subject in counted.items for subject in order[:n])
+            stop = counted.boundary.stop_count(n)
+            if stop is not None and count >= stop:
+                expected = (n, count)
+                break
+        assert counted.crossed == expected
