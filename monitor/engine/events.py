@@ -185,17 +185,21 @@ class AdverseEvent(BaseEvent, tag="adverse_event"):
     meddra_pt: str | None = None
     meddra_soc: str | None = None
     resolved: dt.date | None = None
-    serious_criteria: tuple[SeriousCriterion, ...] = ()
+    serious_criteria: tuple[SeriousCriterion, ...] | None = ()  # null: none, as missing
     relatedness: Relatedness | None = None
     expected: bool | None = None
     outcome: Outcome | None = None
-    retracted: bool = False
+    retracted: bool | None = False  # null: not retracted, as missing
     # from onset (partial_date_range); always recomputed, whatever the input says
     onset_earliest: Derived = None  # dt.date
     onset_latest: Derived = None  # dt.date
     onset_precision: Derived = "day"  # "day", "month" or "year"
 
     def __post_init__(self) -> None:
+        if self.serious_criteria is None:  # like the other optional fields, null is missing
+            self.serious_criteria = ()
+        if self.retracted is None:
+            self.retracted = False
         try:
             lo, hi, precision = partial_date_range("onset", self.onset)
         except BadValue:

@@ -215,3 +215,12 @@ def test_a_partial_onset_ends_no_later_than_the_day_it_was_reported(onset, repor
     message = parsed({**GOOD_AE, "onset": onset, "recorded_at": f"{reported}T09:00:00+07:00"})
     assert isinstance(message, AdverseEvent), message
     assert message.onset_latest == latest
+
+
+def test_null_in_an_optional_field_is_as_if_it_were_missing() -> None:
+    nulls = {"meddra_pt": None, "meddra_soc": None, "resolved": None, "relatedness": None,
+             "expected": None, "outcome": None, "serious_criteria": None, "retracted": None}
+    message = parsed({**GOOD_AE, **nulls})
+    assert isinstance(message, AdverseEvent), message
+    assert (message.serious_criteria, message.retracted) == ((), False)
+    assert message == parsed(GOOD_AE)
