@@ -101,3 +101,15 @@ def test_rules_check_command(tmp_path: Path, capsys: pytest.CaptureFixture) -> N
     assert "no such rules folder" in capsys.readouterr().err
     assert main(["rules", "check", str(ROOT / "rules" / "isc-19-29.yaml")]) == 2
     assert "isc-19-29.yaml: is a file; give the folder that holds" in capsys.readouterr().err
+
+
+def test_a_duplicate_id_is_reported_with_the_other_problems(tmp_path: Path) -> None:
+    text = (BAD / "bad-severity.yaml").read_text() + (
+        "  - {id: r1, kind: count, severity: review, threshold: 1}\n"
+        "  - {id: r1, kind: count, severity: review, threshold: 1}\n")
+    with pytest.raises(RulesError) as caught:
+        parse_rules(text, source="both.yaml")
+    problems = caught.value.problems
+    assert any("rule 'r1': severity: Input should be" in p for p in problems), problems
+    assert "both.yaml: rules: rule id 'r1' is used twice; ids must be unique" in problems
+    assert len([p for p in problems if "used twice" in p]) == 1, problems

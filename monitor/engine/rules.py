@@ -90,11 +90,8 @@ class TrialRules(BaseModel):
     @field_validator("rules")
     @classmethod
     def _unique_ids(cls, rules: tuple[Rule, ...]) -> tuple[Rule, ...]:
-        seen: set[str] = set()
-        for rule in rules:
-            if rule.id in seen:
-                raise ValueError(f"rule id '{rule.id}' is used twice; ids must be unique")
-            seen.add(rule.id)
+        if twice := _used_twice([rule.id for rule in rules]):
+            raise ValueError(_twice_message(twice[0]))
         return rules
 
     def rule(self, rule_id: str) -> Rule:
@@ -120,7 +117,29 @@ def parse_rules(text: str, source: str = "<rules>") -> TrialRules:
     try:
         return TrialRules.model_validate(doc)
     except ValidationError as exc:
-        raise RulesError(source, [_problem(source, doc, e) for e in exc.errors()]) from None
+        problems = [_problem(source, doc, e) for e in exc.errors()]
+        # pydantic checks the ids only when every rule is valid: say it now, with the rest
+        rules = doc.get("rules") if isinstance(doc.get("rules"), list) else []
+        ids = [r["id"] for r in rules if isinstance(r, dict) and isinstance(r.get("id"), str)]
+        problems += [problem for rule_id in _used_twice(ids)
+                     if (problem := f"{source}: rules: {_twice_message(rule_id)}")
+                     not in problems]
+        raise RulesError(source, problems) from None
+
+
+def _used_twice(ids: list[str]) -> list[str]:
+    """The ids given more than once, each once, in order."""
+    seen: set[str] = set()
+    twice: dict[str, None] = {}
+    for rule_id in ids:
+        if rule_id in seen:
+            twice[rule_id] = None
+        seen.add(rule_id)
+    return list(twice)
+
+
+def _twice_message(rule_id: str) -> str:
+    return f"rule id '{rule_id}' is used twice; ids must be unique"
 
 
 def _problem(source: str, doc: dict, error: dict) -> str:
