@@ -312,4 +312,5 @@ def test_an_infusion_dated_in_the_year_9999_is_read_like_any_other(capsys, tmp_p
     log.write_text(json.dumps(placeholder) + "\n")
     report = replay_json(capsys, str(log), "--as-of", "2021-04-01")
     assert report["events"]["accepted"] == 1
-    assert report["trials"]["ISC.19.29"]["subjects"]["infused"] == 1
+    subjects = report["trials"]["ISC.19.29"]["subjects"]
+    assert (subjects["infused"], subjects["in_window"]) == (1, 1)  # its window: to 9999-12-31

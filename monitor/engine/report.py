@@ -42,13 +42,15 @@ def status_on(subject: Subject, day: dt.date) -> SubjectStatus | None:
 
 
 def subject_state(trial: TrialState, subject: Subject, day: dt.date) -> str | None:
-    """in_window, window_completed, withdrawn or died for an infused subject; else None."""
+    """in_window, window_completed, withdrawn or died for an infused subject; else None.
+    Withdrawn and died count when effective inside the window. (An infusion reported
+    ahead of its date counts from its report, as in the rules' subjects infused.)"""
     first = subject.first_infusion
     if first is None:
         return None
     last = trial.window.last_day(first)
     status = status_on(subject, day)
-    if status is not None and status.status in _GONE and status.effective_on <= last:
+    if status is not None and status.status in _GONE and first <= status.effective_on <= last:
         return _GONE[status.status]
     return "window_completed" if day > last else "in_window"
 

@@ -143,6 +143,13 @@ def test_subject_states_partition_the_infused() -> None:
     assert report(trials, dt.datetime(2022, 1, 2, tzinfo=dt.UTC))["subjects"]["in_window"] == 1
 
 
+def test_withdrawn_before_the_first_infusion_is_not_withdrawn_from_the_window() -> None:
+    messages = [status("S2", "withdrawn", "2021-02-01"), infusion("S2", "2021-03-10")]
+    trials, _ = run(messages)
+    subjects = report(trials, dt.datetime(2021, 6, 5, tzinfo=dt.UTC))["subjects"]
+    assert (subjects["infused"], subjects["in_window"], subjects["withdrawn"]) == (1, 1, 0)
+
+
 def test_count_rule_raises_updates_and_resolves_with_stable_ids() -> None:
     first = ae("S1", "A", "2021-02-01", serious=True, relatedness="possible")
     second = ae("S2", "B", "2021-02-05", serious=True)  # causality not assessed: related
