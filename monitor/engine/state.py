@@ -123,6 +123,18 @@ class AeHistory(msgspec.Struct, array_like=True, gc=False):
             messages.insert(at, ae)
             positions.insert(at, position)
         self.messages, self.positions = tuple(messages), tuple(positions)
+        self.cap_onset()
+
+    def cap_onset(self) -> None:
+        """The AE existed when it was first reported: the current version's onset is no
+        later than the earliest day a version was reported (as each message's own onset
+        is no later than its own), unless the current version's onset starts after that
+        day: a correction, and the current version wins."""
+        if len(self.messages) > 1:
+            current = self.messages[-1]
+            reported = min(ae.recorded_at.date() for ae in self.messages)
+            if current.onset_earliest <= reported < current.onset_latest:
+                current.onset_latest = reported
 
     def count(self) -> tuple[int, int]:
         """(accepted, duplicates)."""
@@ -270,6 +282,8 @@ def rebuild(trial: TrialState) -> TrialState:
          for r in rules if r.watches_adverse_events), key=lambda plan: plan[2]))
     trial.infusion_days, trial.infusion_order, trial.counts = {}, [], Counts()
     for subject in trial.subjects.values():
+        for history in subject.aes.values():
+            history.cap_onset()  # derived, as `take` leaves it
         _count_subject(trial.counts, subject)
         tracking.cache_infusions(trial, subject)
         tracking.track_subject(trial, subject)

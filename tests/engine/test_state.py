@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 
+import pytest
+
+from monitor.engine import records
 from monitor.engine.rules import parse_rules
 from monitor.engine.trials import Trials
 from tests.builders import TRIAL, ae, event, infusion, status
@@ -294,3 +297,32 @@ rules:
     later = infusion("S2", "2021-03-12", recorded_at="2021-03-12T00:00:01Z")
     trials, _ = run([held, cause, later], rules)
     assert rule(trials, "dosing-while-halted")["evidence"] == [f"S2/{later['event_id']}"]
+
+
+@pytest.mark.parametrize("arrival", ["in order", "follow-up first"])
+def test_a_partial_onset_is_capped_by_the_first_report_of_any_version(arrival) -> None:
+    """Version 1 says `2021-03` on 03-05: the AE started by then, so a follow-up of
+    04-02 that repeats `2021-03` cannot place it on the infusion day (03-10)."""
+    first = ae("S1", "A", "2021-03", grade=3, serious=True, recorded_at="2021-03-05T09:00:00Z")
+    follow = ae("S1", "A", "2021-03", grade=3, serious=True, version=2, outcome="recovered",
+                recorded_at="2021-04-02T09:00:00Z")
+    aes = [first, follow] if arrival == "in order" else [follow, first]
+    trials, _ = run([infusion("S1", "2021-03-10"), *aes])
+    counted = report(trials)
+    assert counted["adverse_events"]["pre_treatment"] == 1
+    assert counted["primary_endpoint"]["sae"] == 0
+    from tests.engine.test_records import rows_of  # it imports this module's RULES
+
+    trial = trials.trials[TRIAL]
+    loaded = records.load_trial(TRIAL, trial.rules, rows_of(trial))  # a worker's restart
+    assert loaded.placement("S1", loaded.subjects["S1"].aes["A"].current).period == \
+        "pre_treatment"
+
+
+def test_a_follow_up_that_moves_the_onset_later_wins_over_the_first_report() -> None:
+    first = ae("S1", "A", "2021-03", recorded_at="2021-03-05T09:00:00Z")
+    corrected = ae("S1", "A", "2021-04", version=2, recorded_at="2021-04-20T09:00:00Z")
+    trials, _ = run([infusion("S1", "2021-03-10"), first, corrected])
+    placed = trials.trials[TRIAL].placement("S1", trials.trials[TRIAL].subjects["S1"].aes[
+        "A"].current)
+    assert (placed.onset, placed.period) == (dt.date(2021, 4, 1), "in_window")
