@@ -14,8 +14,8 @@ the last day post-window; both are kept and reported, never counted as in-window
 A partial onset (``2021-03``, ``2021``) is placed at the earliest date the partial date
 allows that is not before the first infusion (treatment-emergent imputation, as in
 pharmaverse admiral); a known component is never changed, and no date after the day the
-AE was reported is allowed (``2021-03`` reported on 2021-03-05 is 03-01 for a subject
-first infused on 03-10: pre-treatment). So ``2020-11`` for a subject
+AE was first reported (by any version) is allowed (``2021-03`` reported on 2021-03-05 is
+03-01 for a subject first infused on 03-10: pre-treatment). So ``2020-11`` for a subject
 first infused on 2020-12-06 is 2020-11-01 (pre-treatment) and ``2021`` for a subject
 first infused on 2021-03-10 is 2021-03-10 (day 0). An AE of a subject with no infusion
 yet has no place: it waits (``AWAITING_INFUSION``) until the infusion arrives.
