@@ -197,19 +197,22 @@ def to_table(reports: BoundaryReport | Sequence[BoundaryReport], width: int = 10
 
 
 def _observed_text(report: BoundaryReport) -> str:
-    """The count now against the boundary now, and where the path, subjects taken in order
-    of first infusion, reaches the boundary."""
+    """The count now against the boundary now, and the first look of the path (a look
+    after each infusion day, subjects in order of first infusion) that crossed it: from
+    there the rule is breached, as the engine says."""
     subjects, count = report.observed[-1]
     stop = report.boundary.stop_count(subjects)
-    verdict = ("no count can stop here" if stop is None else
-               f"stop at {stop}: {'CROSSED' if count >= stop else 'not crossed'}")
+    bar = "no count can stop there" if stop is None else f"stop at {stop} there"
     as_of = f" as of {report.as_of}" if report.as_of else ""
-    text = f"observed{as_of}: {count} of {subjects} subjects with the event; {verdict}"
-    crossed = [n for n, c in report.observed if report.boundary.is_crossed(n, c)]
-    if crossed:
-        text += (f"; in order of first infusion the count is at or past the boundary at "
-                 f"{_looks_text(crossed)} subjects")
-    return text
+    text = f"observed{as_of}: {count} of {subjects} subjects with the event ({bar})"
+    crossed = [(n, c) for n, c in report.observed if report.boundary.is_crossed(n, c)]
+    if not crossed:
+        return f"{text}; not crossed at any look"
+    (n, c), looks = crossed[0], _looks_text([n for n, _ in crossed])
+    return (f"{text}; CROSSED at {n} subjects ({c} with the event, stop at "
+            f"{report.boundary.stop_count(n)}), so the rule is breached; at or past the "
+            f"boundary at {looks} subjects (a look after each infusion day, in order of "
+            "first infusion)")
 
 
 def _boundary_table(report: BoundaryReport) -> Table:
@@ -387,16 +390,16 @@ def boundary_rules(catalog: Mapping[str, TrialRules], rule_id: str | None = None
 
 
 def observed_counts(trial: TrialState, rule_id: str) -> tuple[tuple[int, int], ...]:
-    """The path to draw over a boundary: subjects in order of first infusion (ties by
-    subject id), and after each, how many of them have a matching AE as the trial knows
-    it now. Its last point is the engine's: subjects infused so far, the rule's count."""
-    with_event = trial.trackers[rule_id].items
-    order = sorted(trial.infusion_days, key=lambda subject: (trial.infusion_days[subject][0],
-                                                             subject))
+    """The path to draw over a boundary, look by look as the engine takes them: subjects
+    in order of first infusion, a look after each infusion day, and how many of the
+    subjects so far have a matching AE as the trial knows it now. Its last point is the
+    engine's: subjects infused so far, the rule's count."""
+    with_event, order = trial.trackers[rule_id].items, trial.infusion_order
     path, count = [], 0
-    for evaluated, subject in enumerate(order, 1):
+    for evaluated, (day, subject) in enumerate(order, 1):
         count += subject in with_event
-        path.append((evaluated, count))
+        if evaluated == len(order) or order[evaluated][0] != day:  # the day's last
+            path.append((evaluated, count))
     return tuple(path)
 
 

@@ -146,7 +146,12 @@ def test_the_observed_count_of_the_sample_log(capsys) -> None:
     assert then["observed_as_of"] == "2022-11-01T00:00:00+00:00"
     table = boundaries(capsys, str(ISC_RULES), "--rule", "related-grade3-boundary",
                        "--log", str(SAMPLE), "--as-of", "2022-11-01")
-    assert "5 of 20 subjects with the event; stop at 5: CROSSED" in table
+    table = " ".join(table.split())
+    assert ("5 of 20 subjects with the event (stop at 5 there); CROSSED at 20 subjects (5 "
+            "with the event, stop at 5), so the rule is breached") in table
+    now = " ".join(boundaries(capsys, str(ISC_RULES), "--rule", "related-grade3-boundary",
+                              "--log", str(SAMPLE)).split())
+    assert "4 of 20 subjects with the event (stop at 5 there); not crossed at any look" in now
 
 
 def test_the_observed_count_drawn_on_the_chart(capsys, tmp_path) -> None:
@@ -168,9 +173,9 @@ def test_observed_path_takes_subjects_in_order_of_first_infusion() -> None:
                 ae("S-C", "C1", "2021-02-01", grade=2)]
     for message in messages:
         trials.apply(event(message))
-    # first infusions: S-C 01-01, S-B 01-05, S-D 01-05, S-A 01-10
+    # first infusions: S-C 01-01, S-B 01-05, S-D 01-05, S-A 01-10: looks after each day
     path = observed_counts(trials.trials[TRIAL], "related-grade3-boundary")
-    assert path == ((1, 0), (2, 0), (3, 1), (4, 2))
+    assert path == ((1, 0), (3, 1), (4, 2))
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -229,3 +234,19 @@ def test_a_log_without_the_trial_draws_no_observed_count(capsys, tmp_path) -> No
     assert main(["rules", "boundaries", str(ISC_RULES), "--log", str(log)]) == 0
     err = capsys.readouterr().err
     assert err == f"warning: {log} holds no event of ISC.19.29: nothing observed\n"
+
+
+def test_the_observed_text_names_the_first_look_that_crossed(capsys, tmp_path) -> None:
+    """2 of the first 2 cross (stop at 2); 2 of 5 now do not: the rule stays breached,
+    as replay says, and the text says where it crossed."""
+    messages = [infusion(f"S{n}", f"2021-01-0{n}") for n in range(1, 6)]
+    messages += [ae(s, "A", "2021-02-01", grade=3, relatedness="possible") for s in ("S1", "S2")]
+    log = tmp_path / "crossed.jsonl"
+    log.write_text("".join(json.dumps(m) + "\n" for m in messages))
+    text = " ".join(boundaries(capsys, str(ISC_RULES), "--rule", "related-grade3-boundary",
+                               "--log", str(log)).split())
+    assert ("2 of 5 subjects with the event (stop at 3 there); CROSSED at 2 subjects (2 with "
+            "the event, stop at 2), so the rule is breached") in text
+    assert main(["replay", str(log), "--rules", str(ROOT / "rules"), "--format", "json"]) == 0
+    engine = json.loads(capsys.readouterr().out)["trials"][TRIAL]["rules"]
+    assert engine["related-grade3-boundary"]["state"] == "breached"
