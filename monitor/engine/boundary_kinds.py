@@ -201,7 +201,10 @@ class BoundaryTracker(Tally):
         """The subjects infused so far, in order; True when that moves the rule's state
         or the bar it shows. (`stop_count` is looked up once per number of subjects.)"""
         before = (self.crossed, self.stop_at)
-        grown = len(order) == len(self.order) + 1 and order[:-1] == self.order
+        # one subject more at the end: its predecessor is the old last (each call follows
+        # one subject infused, or one's first day moved; the order is sorted, ids unique)
+        grown = len(order) == len(self.order) + 1 and (not self.order or
+                                                       order[-2] == self.order[-1])
         last_day_grows = grown and (not self.order or self.order[-1][0] != order[-1][0])
         self.order = order
         while len(self.stops) <= len(order):
