@@ -178,7 +178,7 @@ class BoundaryTracker(Tally):
     be infused earlier) can undo a crossing. Subjects infused on one day are one look.
     This depends on the events known, not on the order they arrived in."""
 
-    __slots__ = ("rule", "boundary", "order", "stops", "crossed", "_count")
+    __slots__ = ("rule", "boundary", "order", "stops", "crossed")
 
     def __init__(self, rule: BoundaryRule) -> None:
         super().__init__()
@@ -186,7 +186,6 @@ class BoundaryTracker(Tally):
         self.order: tuple[tuple[object, str], ...] = ()  # (first infusion day, subject)
         self.stops = [self.boundary.stop_count(0)]  # the count that stops, by subjects
         self.crossed: tuple[int, int] | None = None  # the first look that crossed: (n, count)
-        self._count = 0  # subjects of `order` with a matching AE
 
     @property
     def subjects(self) -> int:
@@ -203,17 +202,21 @@ class BoundaryTracker(Tally):
         before = (self.crossed, self.stop_at)
         # one subject more at the end: its predecessor is the old last (each call follows
         # one subject infused, or one's first day moved; the order is sorted, ids unique)
-        grown = len(order) == len(self.order) + 1 and (not self.order or
-                                                       order[-2] == self.order[-1])
-        last_day_grows = grown and (not self.order or self.order[-1][0] != order[-1][0])
+        known = len(self.order)
+        grown = len(order) == known + 1 and (not known or order[-2] == self.order[-1])
+        same_day = grown and known and self.order[-1][0] == order[-1][0]
         self.order = order
         while len(self.stops) <= len(order):
             self.stops.append(self.boundary.stop_count(len(self.stops)))
-        if last_day_grows:  # the usual: one more subject, on a day of its own, at the end
-            self._count += order[-1][1] in self.items
-            self._look(len(order), self._count)
-        else:
+        if not grown:  # a subject's first day moved: every look may have
             self._cross()
+            return (self.crossed, self.stop_at) != before
+        # the usual: one subject more at the end. The looks before stay; on the last
+        # day's, the look at the old last subject gives way to one at the new
+        if same_day and self.crossed is not None and self.crossed[0] == known:
+            self.crossed = None
+        # every subject with a matching AE is infused, so in the order now: all count
+        self._look(len(order), len(self.items))
         return (self.crossed, self.stop_at) != before
 
     def set(self, subject_id: str, key: str, item: EvidenceItem | None) -> bool:
@@ -237,8 +240,7 @@ class BoundaryTracker(Tally):
             if n == len(order) or order[n][0] != day:  # the day's last subject: a look
                 self._look(n, count)
                 if self.crossed is not None:
-                    break
-        self._count = sum(subject_id in items for _day, subject_id in order)
+                    return
 
     def value(self) -> int:
         return len(self.items)
