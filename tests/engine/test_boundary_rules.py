@@ -405,19 +405,22 @@ def test_final_state_does_not_depend_on_arrival_order(messages, rng) -> None:
 @FAST
 @given(trial_log())
 def test_the_crossing_is_the_first_look_that_reaches_the_boundary(messages) -> None:
-    """Against counting every look afresh: subjects by first infusion day (then id), a
-    look after each day's last subject, the count of those so far with a matching AE."""
-    trials, _ = run(messages)
-    firsts = {s: days[0] for s, days in trials.trials[TRIAL].infusion_days.items()}
-    order = sorted(firsts, key=lambda s: (firsts[s], s))
-    for rule_id in ("tox", "bayes"):
-        counted, expected = tracker(trials, rule_id), None
-        for n in range(1, len(order) + 1):
-            if n < len(order) and firsts[order[n]] == firsts[order[n - 1]]:
-                continue  # not the day's last subject: no look here
-            count = sum(subject in counted.items for subject in order[:n])
-            stop = counted.boundary.stop_count(n)
-            if stop is not None and count >= stop:
-                expected = (n, count)
-                break
-        assert counted.crossed == expected
+    """After every event, against counting every look afresh: subjects by first infusion
+    day (then id), a look after each day's last subject, the count of those so far with
+    a matching AE."""
+    trials = Trials({TRIAL: parse_rules(RULES)})
+    for message in messages:
+        trials.apply(event(message))
+        firsts = {s: days[0] for s, days in trials.trials[TRIAL].infusion_days.items()}
+        order = sorted(firsts, key=lambda s: (firsts[s], s))
+        for rule_id in ("tox", "bayes"):
+            counted, expected = tracker(trials, rule_id), None
+            for n in range(1, len(order) + 1):
+                if n < len(order) and firsts[order[n]] == firsts[order[n - 1]]:
+                    continue  # not the day's last subject: no look here
+                count = sum(subject in counted.items for subject in order[:n])
+                stop = counted.boundary.stop_count(n)
+                if stop is not None and count >= stop:
+                    expected = (n, count)
+                    break
+            assert counted.crossed == expected
