@@ -192,8 +192,9 @@ class AdverseEvent(BaseEvent, tag="adverse_event"):
     retracted: bool | None = False  # null: not retracted, as missing
     # from onset (partial_date_range); always recomputed, whatever the input says
     onset_earliest: Derived = None  # dt.date
-    onset_latest: Derived = None  # dt.date
+    onset_latest: Derived = None  # dt.date; of the AE's versions, see `AeHistory.cap_onset`
     onset_precision: Derived = "day"  # "day", "month" or "year"
+    onset_latest_own: Derived = None  # dt.date: onset_latest as this message alone says
 
     def __post_init__(self) -> None:
         if self.serious_criteria is None:  # like the other optional fields, null is missing
@@ -212,8 +213,8 @@ class AdverseEvent(BaseEvent, tag="adverse_event"):
                            f"({reported.isoformat()}); an AE cannot start after it was reported")
         # nor can the days of a partial onset after it was reported: `2021-03` reported on
         # 2021-03-05 lies in 03-01 .. 03-05, so an infusion on 03-10 cannot place it at 03-10
-        self.onset_earliest, self.onset_latest, self.onset_precision = lo, min(hi, reported), \
-            precision
+        self.onset_earliest, self.onset_precision = lo, precision
+        self.onset_latest = self.onset_latest_own = min(hi, reported)
 
     @property
     def related(self) -> bool:

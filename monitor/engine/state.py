@@ -127,14 +127,18 @@ class AeHistory(msgspec.Struct, array_like=True, gc=False):
 
     def cap_onset(self) -> None:
         """The AE existed when it was first reported: the current version's onset is no
-        later than the earliest day a version was reported (as each message's own onset
-        is no later than its own), unless the current version's onset starts after that
-        day: a correction, and the current version wins."""
+        later than the earliest day a kept version (the winner of each version number)
+        was reported, as each message's own onset is no later than its own report;
+        unless the current version's onset starts after that day: a correction, and the
+        current version wins. Derived from the kept messages alone, whatever their order
+        of arrival, so a load derives it again."""
         if len(self.messages) > 1:
-            current = self.messages[-1]
-            reported = min(ae.recorded_at.date() for ae in self.messages)
-            if current.onset_earliest <= reported < current.onset_latest:
-                current.onset_latest = reported
+            *earlier, current = self.messages
+            for ae in earlier:  # no longer current: as it says alone, whatever came first
+                ae.onset_latest = ae.onset_latest_own
+            reported, own = min(ae.recorded_at.date() for ae in self.messages), \
+                current.onset_latest_own
+            current.onset_latest = reported if current.onset_earliest <= reported < own else own
 
     def count(self) -> tuple[int, int]:
         """(accepted, duplicates)."""
@@ -407,8 +411,9 @@ def _apply_ae(trial: TrialState, subject: Subject, history: AeHistory,
         history.take(ae, position)
         return tracking.track_ae(trial, subject.subject_id, ae, first=True)
     before = history.current  # the highest version wins
+    latest = before.onset_latest  # an earlier report can move it back (`cap_onset`)
     history.take(ae, position)
-    if history.current is before:
+    if history.current is before and before.onset_latest == latest:
         return []
     return tracking.track_ae(trial, subject.subject_id, history.current)
 

@@ -54,7 +54,11 @@ def adverse_event(draw: st.DrawFn, subject: str, number: int) -> list[dict]:
     precision = draw(st.sampled_from(("day", "day", "day", "month", "year")))
     text = {"day": onset.isoformat(), "month": onset.isoformat()[:7],
             "year": str(onset.year)}[precision]
-    reported = dt.date(onset.year, 12, 31) if precision != "day" else onset
+    # a partial onset may be reported from the first day it allows: its report then caps
+    # it (`AeHistory.cap_onset`), and each version's report may differ
+    start = {"day": onset, "month": onset.replace(day=1),
+             "year": onset.replace(month=1, day=1)}[precision]
+    reported = start + dt.timedelta(days=draw(st.integers(0, 60)))
     versions = draw(st.lists(st.integers(1, 3), min_size=1, max_size=3))
     out = []
     for index, version in enumerate(versions):

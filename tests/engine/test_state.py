@@ -307,10 +307,13 @@ def test_a_partial_onset_is_capped_by_the_first_report_of_any_version(arrival) -
     follow = ae("S1", "A", "2021-03", grade=3, serious=True, version=2, outcome="recovered",
                 recorded_at="2021-04-02T09:00:00Z")
     aes = [first, follow] if arrival == "in order" else [follow, first]
-    trials, _ = run([infusion("S1", "2021-03-10"), *aes])
+    other = ae("S2", "B", "2021-03-20", grade=3, serious=True, relatedness="possible")
+    trials, _ = run([infusion("S1", "2021-03-10"), infusion("S2", "2021-03-10"), *aes, other])
     counted = report(trials)
     assert counted["adverse_events"]["pre_treatment"] == 1
-    assert counted["primary_endpoint"]["sae"] == 0
+    assert counted["primary_endpoint"]["sae"] == 1  # S2's
+    assert counted["rules"]["related-sae"]["evidence"] == ["S2/B"]  # the rules agree
+    assert [rule for rule, body in counted["rules"].items() if "S1/A" in body["evidence"]] == []
     from tests.engine.test_records import rows_of  # it imports this module's RULES
 
     trial = trials.trials[TRIAL]
@@ -326,3 +329,27 @@ def test_a_follow_up_that_moves_the_onset_later_wins_over_the_first_report() -> 
     placed = trials.trials[TRIAL].placement("S1", trials.trials[TRIAL].subjects["S1"].aes[
         "A"].current)
     assert (placed.onset, placed.period) == (dt.date(2021, 4, 1), "in_window")
+
+
+def test_the_onset_cap_does_not_depend_on_the_order_versions_arrive_in() -> None:
+    """Of two messages of version 1, the later report wins the tie; the cap is the first
+    report of the kept messages (a tie's loser keeps only its id, as a load has it)."""
+    from itertools import permutations
+
+    from tests.engine.test_records import rows_of  # it imports this module's RULES
+
+    fields = {"grade": 3, "serious": True, "relatedness": "possible"}
+    a = ae("S1", "A", "2021-03", **fields, recorded_at="2021-03-05T09:00:00Z")
+    b = ae("S1", "A", "2021-03", **fields, recorded_at="2021-03-20T09:00:00Z")
+    c = ae("S1", "A", "2021-03", **fields, version=2, recorded_at="2021-03-25T09:00:00Z")
+    seen = set()
+    for order in permutations((a, b, c)):
+        trials, _ = run([infusion("S1", "2021-03-10"), *order])
+        trial = trials.trial(TRIAL)
+        loaded = records.load_trial(TRIAL, trial.rules, rows_of(trial))
+        for state in (trial, loaded):
+            current = state.subjects["S1"].aes["A"].current
+            seen.add((state.placement("S1", current),
+                      tuple(state.trackers["related-sae"].evidence_keys())))
+    assert len(seen) == 1, seen
+    assert seen.pop()[0].onset == dt.date(2021, 3, 10)  # kept: 03-20 and 03-25
