@@ -173,10 +173,11 @@ class BoundaryTracker(Tally):
     latest look's count holds, as `stats.Boundary.stop_count` says), counting those of
     the n with a matching AE. The rule is breached once some look's count reaches its
     boundary, and stays breached as more subjects are infused: the boundary's alpha is
-    its chance of crossing at any look, so a crossing means stop, and no new subject
-    makes it "resolved". Only corrections that take evidence away (or a subject found to
-    be infused earlier) can undo a crossing. Subjects infused on one day are one look.
-    This depends on the events known, not on the order they arrived in."""
+    its chance of crossing at any look, so a crossing means stop, and no subject infused
+    on a later day makes it "resolved". Only corrections can undo a crossing: evidence
+    taken away, a subject found to be infused earlier, or one reported late for a day
+    already looked at (subjects infused on one day are one look, which it joins). This
+    depends on the events known, not on the order they arrived in."""
 
     __slots__ = ("rule", "boundary", "order", "stops", "crossed")
 
