@@ -4,8 +4,8 @@ The numerator is the subjects with a matching AE, the denominator the subjects i
 so far, look by look in order of first infusion: a rule is breached once a look crosses
 its boundary, and more subjects infused later do not undo that (`BoundaryTracker`). Each
 rule computes its boundary once, when the rules load (`monitor.engine.stats`), so an
-event costs a comparison or, when a subject is infused or its AE starts or stops
-counting, a pass over the subjects infused.
+event costs a comparison or, when a subject's AE starts or stops counting or its first
+infusion day moves, a pass over the subjects infused.
 """
 
 from __future__ import annotations

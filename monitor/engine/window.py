@@ -17,8 +17,9 @@ pharmaverse admiral); a known component is never changed, and no date after the 
 AE was first reported (by any version) is allowed (``2021-03`` reported on 2021-03-05 is
 03-01 for a subject first infused on 03-10: pre-treatment). So ``2020-11`` for a subject
 first infused on 2020-12-06 is 2020-11-01 (pre-treatment) and ``2021`` for a subject
-first infused on 2021-03-10 is 2021-03-10 (day 0). An AE of a subject with no infusion
-yet has no place: it waits (``AWAITING_INFUSION``) until the infusion arrives.
+first infused on 2021-03-10 is 2021-03-10 (day 0), once reported after that day. An AE
+of a subject with no infusion yet has no place: it waits (``AWAITING_INFUSION``) until
+the infusion arrives.
 """
 
 from __future__ import annotations
