@@ -394,13 +394,7 @@ def observed_counts(trial: TrialState, rule_id: str) -> tuple[tuple[int, int], .
     in order of first infusion, a look after each infusion day, and how many of the
     subjects so far have a matching AE as the trial knows it now. Its last point is the
     engine's: subjects infused so far, the rule's count."""
-    with_event, order = trial.trackers[rule_id].items, trial.infusion_order
-    path, count = [], 0
-    for evaluated, (day, subject) in enumerate(order, 1):
-        count += subject in with_event
-        if evaluated == len(order) or order[evaluated][0] != day:  # the day's last
-            path.append((evaluated, count))
-    return tuple(path)
+    return tuple(boundary_kinds.looks(trial.infusion_order, trial.trackers[rule_id].items))
 
 
 def replay_observed(log: str, as_of: dt.datetime | None, catalog: Mapping[str, TrialRules],

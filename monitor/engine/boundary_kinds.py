@@ -10,7 +10,7 @@ infusion day moves, a pass over the subjects infused.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Container, Iterator, Sequence
 from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
@@ -165,6 +165,17 @@ class BayesianRule(BoundaryRule):
                 "prior": {"a": self.prior.a, "b": self.prior.b}}
 
 
+def looks(order: Sequence[tuple[object, str]], counted: Container[str]
+          ) -> Iterator[tuple[int, int]]:
+    """(subjects so far, how many of them are ``counted``) after each infusion day, for
+    ``order``, the (first infusion day, subject id) of the subjects infused, in order."""
+    count = 0
+    for n, (day, subject_id) in enumerate(order, 1):
+        count += subject_id in counted
+        if n == len(order) or order[n][0] != day:  # the day's last subject: a look
+            yield n, count
+
+
 class BoundaryTracker(Tally):
     """Subjects with a matching AE against the boundary, look by look.
 
@@ -234,14 +245,12 @@ class BoundaryTracker(Tally):
             self.crossed = (subjects, count)
 
     def _cross(self) -> None:
-        """Find the first look that crosses (looks after each infusion day)."""
-        self.crossed, count, order, items = None, 0, self.order, self.items
-        for n, (day, subject_id) in enumerate(order, 1):
-            count += subject_id in items
-            if n == len(order) or order[n][0] != day:  # the day's last subject: a look
-                self._look(n, count)
-                if self.crossed is not None:
-                    return
+        """Find the first look that crosses."""
+        self.crossed = None
+        for subjects, count in looks(self.order, self.items):
+            self._look(subjects, count)
+            if self.crossed is not None:
+                return
 
     def value(self) -> int:
         return len(self.items)
