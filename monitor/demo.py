@@ -13,6 +13,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -28,7 +29,7 @@ from .engine.events import Rejection, parse_event
 from .publish import publish
 from .replay import Unavailable, open_log, read_lines
 from .runner import broker_for
-from .settings import Settings
+from .settings import Settings, host_port
 
 
 class DemoFailed(Unavailable):
@@ -75,6 +76,22 @@ def worker_process(settings: Settings, log_path: Path) -> Iterator[subprocess.Po
                 process.wait(30)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+def check_port_free(settings: Settings) -> None:
+    """DemoFailed when something already answers on the worker's web port: an earlier
+    demo or a worker still running would answer the demo's questions in place of its
+    own worker (which could not listen there), and the demo would report on it."""
+    host, port = settings.web_host, settings.web_port
+    target = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    try:
+        with socket.create_connection((target, port), timeout=2):
+            pass
+    except OSError:
+        return  # nobody answers: the worker says so itself if it still cannot listen
+    raise DemoFailed(f"MONITOR_WEB_PORT {port}: something already answers on "
+                     f"{host_port(target, port)} (an earlier demo, or a worker, still "
+                     "running?); stop it, or give the demo another port with --web-port")
 
 
 def get_json(url: str) -> tuple[int, object]:
@@ -130,6 +147,7 @@ def run_demo(settings: Settings, log_path: Path, exit_when_done: bool) -> int:
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     # here, not in the folder of an embedded broker's run, which goes when the demo ends
     worker_log = settings.state_dir / "worker.log"
+    check_port_free(settings)
     with broker_for(settings) as settings, mailbox_for(settings) as (settings, mail_dir):
         base = f"http://{settings.web_host}:{settings.web_port}"
         with worker_process(settings, worker_log) as worker:
