@@ -40,7 +40,21 @@ def ensure_environment() -> None:
 
 
 def run(args: list[str]) -> int:
-    return subprocess.run(args, cwd=ROOT, check=False).returncode
+    """Run a command to its end. A terminal's Ctrl-C reaches the command as well as this
+    process (they share its process group): wait while the command stops what it started,
+    then stop too. (`subprocess.run` would kill it a quarter of a second later, before the
+    demo stops its worker, which was left running and holding its port.)"""
+    interrupted = False
+    with subprocess.Popen(args, cwd=ROOT) as command:
+        while True:
+            try:
+                code = command.wait()
+                break
+            except KeyboardInterrupt:
+                interrupted = True  # the command has the same Ctrl-C: let it finish
+    if interrupted:
+        raise KeyboardInterrupt
+    return code
 
 
 def main() -> int:

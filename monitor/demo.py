@@ -3,7 +3,8 @@
 A local Kafka-compatible broker (unless MONITOR_BROKER is set), a local SMTP server that
 keeps each message as an .eml file (unless MONITOR_SMTP_HOST is set), the worker with
 its web port, and the log published to the events topic. It prints where to look and
-runs until Ctrl-C, which stops everything it started.
+runs until Ctrl-C (or SIGTERM, or SIGHUP), which stops everything it started: the
+worker first, while its broker still answers.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -76,6 +78,25 @@ def worker_process(settings: Settings, log_path: Path) -> Iterator[subprocess.Po
                 process.wait(30)
             except subprocess.TimeoutExpired:
                 process.kill()
+                process.wait()
+            except KeyboardInterrupt:  # a second Ctrl-C while it stops: stop it now
+                process.kill()
+                process.wait()
+                raise
+
+
+@contextlib.contextmanager
+def stopped_like_ctrl_c() -> Iterator[None]:
+    """SIGTERM and SIGHUP (`kill`, a service manager, a closed terminal) stop the demo as
+    Ctrl-C does, stopping what it started; by default they would end this process at
+    once and leave its worker running."""
+    signals = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def check_port_free(settings: Settings) -> None:
@@ -148,7 +169,8 @@ def run_demo(settings: Settings, log_path: Path, exit_when_done: bool) -> int:
     # here, not in the folder of an embedded broker's run, which goes when the demo ends
     worker_log = settings.state_dir / "worker.log"
     check_port_free(settings)
-    with broker_for(settings) as settings, mailbox_for(settings) as (settings, mail_dir):
+    with stopped_like_ctrl_c(), broker_for(settings) as settings, \
+            mailbox_for(settings) as (settings, mail_dir):
         base = f"http://{settings.web_host}:{settings.web_port}"
         with worker_process(settings, worker_log) as worker:
             out.print(f"worker starting (log: {worker_log}) ...")

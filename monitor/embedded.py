@@ -229,6 +229,10 @@ class EmbeddedBroker:
             stderr=subprocess.STDOUT,
             env={**os.environ, "NO_COLOR": "1"},  # plain log lines, no ANSI colours
             preexec_fn=_kill_me_when_parent_dies(),
+            # out of the terminal's process group: a Ctrl-C would stop the broker at once,
+            # under a worker still stopping (it then waits on the broker until killed);
+            # whoever started the broker stops it, after the worker
+            start_new_session=True,
         )
 
     def _open_log(self) -> IO[bytes]:

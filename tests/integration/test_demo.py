@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import email
 import email.policy
+import hashlib
 import http.server
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from monitor.embedded import free_port
@@ -90,7 +94,103 @@ def test_a_demo_does_not_report_on_a_process_already_on_its_port(tmp_path: Path)
     assert not (tmp_path / ".state" / "worker.log").exists()  # no worker was started
 
 
+def test_ctrl_c_on_the_readme_demo_command_stops_everything_it_started(tmp_path: Path) -> None:
+    """`python3 dev.py demo`, stopped as a terminal's Ctrl-C does (SIGINT to the whole
+    process group): the demo, its worker and its broker all end, soon."""
+    shutil.copy(ROOT / "dev.py", tmp_path / "dev.py")  # dev.py works in its own folder
+    pyproject = (ROOT / "pyproject.toml").read_bytes()
+    (tmp_path / "pyproject.toml").write_bytes(pyproject)
+    venv_bin = tmp_path / ".venv" / "bin"  # this environment, as dev.py's .venv
+    venv_bin.mkdir(parents=True)
+    (venv_bin / "safety-monitor").symlink_to(Path(sys.executable).parent / "safety-monitor")
+    (tmp_path / ".venv" / ".installed-from").write_text(hashlib.sha256(pyproject).hexdigest())
+    port = free_port()
+    out = tmp_path / "demo.out"
+    with out.open("wb") as sink:
+        dev = subprocess.Popen([sys.executable, str(tmp_path / "dev.py"), "demo", "--web-port",
+                                str(port)], cwd=tmp_path, env=_demo_env(), stdout=sink,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    started: set[int] = set()
+    try:
+        _wait_until_running(dev, out)
+        started = _descendants(dev.pid)  # the demo, its broker and its worker
+        assert len(started) >= 3, started
+        os.killpg(dev.pid, signal.SIGINT)
+        assert dev.wait(25) == 130, out.read_text()
+        _assert_all_end(started, 10, out)
+    finally:
+        _kill(dev, started)
+    assert "Traceback" not in (tmp_path / ".state" / "worker.log").read_text()
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", port)) != 0  # nobody left on the port
+
+
+def test_sigterm_stops_the_demo_and_everything_it_started(tmp_path: Path) -> None:
+    """`kill` (SIGTERM to the demo alone) stops it as Ctrl-C does."""
+    out = tmp_path / "demo.out"
+    with out.open("wb") as sink:
+        demo = subprocess.Popen([sys.executable, "-m", "monitor.cli", "demo", "--web-port",
+                                 str(free_port())], cwd=tmp_path, env=_demo_env(), stdout=sink,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    started: set[int] = set()
+    try:
+        _wait_until_running(demo, out)
+        started = _descendants(demo.pid)  # its broker and its worker
+        assert len(started) >= 2, started
+        demo.terminate()
+        assert demo.wait(25) == 0, out.read_text()  # as after Ctrl-C: the way a demo ends
+        _assert_all_end(started, 10, out)
+    finally:
+        _kill(demo, started)
+
+
 def _demo_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MONITOR_")}
     return {**env, "MONITOR_RULES_DIR": str(ROOT / "rules")}
 
+
+def _wait_until_running(process: subprocess.Popen, out: Path) -> None:
+    deadline = time.monotonic() + 180
+    while "Running." not in out.read_text(errors="replace"):
+        assert process.poll() is None, out.read_text(errors="replace")
+        assert time.monotonic() < deadline, out.read_text(errors="replace")
+        time.sleep(0.5)
+
+
+def _descendants(root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # ended meanwhile
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found, todo = set(), [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _assert_all_end(pids: set[int], timeout: float, out: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+            for pid in pids if _alive(pid)}
+    assert not left, f"still running: {left}\n{out.read_text(errors='replace')}"
+
+
+def _kill(process: subprocess.Popen, pids: set[int]) -> None:
+    for pid in {process.pid, *pids}:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    process.wait(10)
