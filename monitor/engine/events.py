@@ -366,9 +366,35 @@ def _loose(raw: bytes | str) -> object:
     except RecursionError:
         return _TOO_DEEP
     except msgspec.ValidationError:  # what a float_hook does not see: a too long integer
-        return _LONG_INTEGER
+        return _long_integer(raw)
     except msgspec.DecodeError as exc:  # malformed after where the typed decoder stopped
         return _not_json(raw, exc)
+
+
+# a key, then an integer of a thousand digits or more; and the message's type
+_LONG_DIGITS = re.compile(r'"((?:[^"\\]|\\.){1,200})"\s*:\s*-?[0-9]{1000}')
+_TYPE_FIELD = re.compile(r'"type"\s*:\s*"([a-z_]{1,40})"')
+
+
+def _long_integer(raw: bytes | str) -> Rejection:
+    """An integer too long to read, with the field that holds it when a search finds it
+    (the message cannot be read as plain values to look there)."""
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    found = _LONG_DIGITS.search(text)
+    if found is None:
+        return _LONG_INTEGER
+    typed = _TYPE_FIELD.search(text)
+    where = found.group(1) if typed is None or typed.group(1) not in EVENT_TYPES \
+        else f"{typed.group(1)}.{found.group(1)}"
+    return Rejection(reason=f"{where}: an integer of thousands of digits is out of range",
+                     type=typed.group(1) if typed and typed.group(1) in EVENT_TYPES else None)
+
+
+def _shown(value: object) -> str:
+    """A number as a reason shows it: one of many digits shortened, so that the reason
+    stays a line a person reads."""
+    text = str(value)
+    return f"{text[:12]}... ({len(text)} characters)" if len(text) > 24 else text
 
 
 def _json_kind(pytype: str) -> str:
@@ -401,11 +427,11 @@ _ENUMS = {
 def _field_message(field: str, value: object, what: str) -> str:
     an_int = isinstance(value, int) and not isinstance(value, bool)
     if field == "grade" and an_int:
-        return f"{value} is not a CTCAE grade (1-5)"
+        return f"{_shown(value)} is not a CTCAE grade (1-5)"
     if field in ("version", "dose_number") and an_int:
-        return f"{value} is not allowed; {field} counts from 1"
+        return f"{_shown(value)} is not allowed; {field} counts from 1"
     if "out of range" in what:  # a number as written (1e999) or an int beyond a float
-        return f"{value} is out of range (beyond a 64-bit float's 1.8e308)"
+        return f"{_shown(value)} is out of range (beyond a 64-bit float's 1.8e308)"
     if field in _ENUMS and "enum" in what:
         bad = re.search(r"'(.*)'", what)
         shown = bad.group(1) if bad else value
