@@ -188,18 +188,26 @@ class EmbeddedBroker:
         """Start tansu and wait until it answers Kafka requests; returns `url`."""
         self._spawn()
         deadline = time.monotonic() + self._startup_timeout
-        while not self._answers():
-            self._raise_if_not_starting(deadline)
-            time.sleep(0.05)
+        try:
+            while not self._answers():
+                self._raise_if_not_starting(deadline)
+                time.sleep(0.05)
+        except BaseException:  # Ctrl-C while it starts: it runs in a session of its own
+            self.stop()
+            raise
         return self.url
 
     async def start_async(self) -> str:
         """`start` for use inside an event loop: the waiting does not block it."""
         self._spawn()
         deadline = time.monotonic() + self._startup_timeout
-        while not await asyncio.to_thread(self._answers):
-            self._raise_if_not_starting(deadline)
-            await asyncio.sleep(0.05)
+        try:
+            while not await asyncio.to_thread(self._answers):
+                self._raise_if_not_starting(deadline)
+                await asyncio.sleep(0.05)
+        except BaseException:  # cancelled, or Ctrl-C, while it starts
+            self.stop()
+            raise
         return self.url
 
     def stop(self) -> None:

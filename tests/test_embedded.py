@@ -1,5 +1,7 @@
 """The embedded broker and mailbox, exercised for real: tansu, aiokafka, aiosmtplib."""
 
+import asyncio
+import os
 import uuid
 from email.message import EmailMessage
 
@@ -48,6 +50,25 @@ async def test_broker_started_in_an_event_loop_stops_on_exit() -> None:
         assert kafka_metadata_probe(broker.host, broker.port)
     assert broker.pid is None
     assert not kafka_metadata_probe(broker.host, broker.port)
+
+
+async def test_a_broker_cancelled_while_it_starts_is_stopped() -> None:
+    """tansu runs in a session of its own, where no Ctrl-C reaches it: whoever stops
+    waiting for it to start stops it."""
+    broker = EmbeddedBroker()
+    starting = asyncio.create_task(broker.start_async())
+    await asyncio.sleep(0)  # spawned, and waiting for its first answer
+    pid = broker.pid
+    assert pid is not None
+    starting.cancel()
+    try:
+        with pytest.raises(asyncio.CancelledError):
+            await starting
+        assert broker.pid is None
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)  # stopped, and reaped
+    finally:
+        broker.stop()
 
 
 def alert_email(to: str) -> EmailMessage:
