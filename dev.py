@@ -42,8 +42,8 @@ def ensure_environment() -> None:
 def run(args: list[str]) -> int:
     """Run a command to its end. A terminal's Ctrl-C reaches the command as well as this
     process (they share its process group): wait while the command stops what it started,
-    then stop too. (`subprocess.run` would kill it a quarter of a second later, before the
-    demo stops its worker, which was left running and holding its port.)"""
+    then stop too. (`subprocess.run` would kill it a quarter of a second later, before it
+    has stopped what it started.)"""
     interrupted = False
     with subprocess.Popen(args, cwd=ROOT) as command:
         while True:
@@ -64,7 +64,11 @@ def main() -> int:
         return 2
     ensure_environment()
     if command == "demo":
-        return run([str(BIN / "safety-monitor"), "demo", *rest])
+        demo = [str(BIN / "safety-monitor"), "demo", *rest]
+        if os.name == "posix":  # the demo in this process: every signal sent here reaches it
+            os.chdir(ROOT)
+            os.execv(demo[0], demo)
+        return run(demo)
     lint = run([str(BIN / "ruff"), "check", "monitor", "tests", "examples", "benchmarks", "dev.py"])
     tests = run([str(BIN / "python"), "-m", "pytest", *rest])
     return lint or tests

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import signal
 import socket
 import sys
 import tempfile
@@ -59,6 +61,10 @@ def run_worker_process(settings: Settings, catalog: dict[str, TrialRules],
         # faust's startup spinner sets the root logger to DEBUG for good, so every debug
         # call in aiokafka and faust builds a record that no handler prints
         worker.spinner = None
+        if hasattr(signal, "SIGHUP"):
+            # a closed terminal stops the worker as SIGTERM does, stopping its embedded
+            # broker too (which runs in a session of its own, out of the terminal's reach)
+            signal.signal(signal.SIGHUP, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
         try:
             worker.execute_from_commandline()
         except SystemExit as exc:

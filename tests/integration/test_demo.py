@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import email
 import email.policy
 import hashlib
@@ -14,7 +15,11 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
+
+import psutil
+import pytest
 
 from monitor.embedded import free_port
 from tests.integration.workers import ROOT, expected
@@ -94,9 +99,12 @@ def test_a_demo_does_not_report_on_a_process_already_on_its_port(tmp_path: Path)
     assert not (tmp_path / ".state" / "worker.log").exists()  # no worker was started
 
 
-def test_ctrl_c_on_the_readme_demo_command_stops_everything_it_started(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop", ["ctrl-c", "kill"])
+def test_the_readme_demo_command_stopped_stops_everything_it_started(tmp_path: Path,
+                                                                     stop: str) -> None:
     """`python3 dev.py demo`, stopped as a terminal's Ctrl-C does (SIGINT to the whole
-    process group): the demo, its worker and its broker all end, soon."""
+    process group) or as `kill` does (SIGTERM to it alone): the demo, its worker and its
+    broker all end, soon, and the demo cleans up after itself."""
     shutil.copy(ROOT / "dev.py", tmp_path / "dev.py")  # dev.py works in its own folder
     pyproject = (ROOT / "pyproject.toml").read_bytes()
     (tmp_path / "pyproject.toml").write_bytes(pyproject)
@@ -110,38 +118,49 @@ def test_ctrl_c_on_the_readme_demo_command_stops_everything_it_started(tmp_path:
         dev = subprocess.Popen([sys.executable, str(tmp_path / "dev.py"), "demo", "--web-port",
                                 str(port)], cwd=tmp_path, env=_demo_env(), stdout=sink,
                                stderr=subprocess.STDOUT, start_new_session=True)
-    started: set[int] = set()
+    started: list[psutil.Process] = []
     try:
         _wait_until_running(dev, out)
-        started = _descendants(dev.pid)  # the demo, its broker and its worker
-        assert len(started) >= 3, started
-        os.killpg(dev.pid, signal.SIGINT)
-        assert dev.wait(25) == 130, out.read_text()
+        started = psutil.Process(dev.pid).children(recursive=True)  # its broker and worker
+        assert len(started) >= 2, started
+        if stop == "ctrl-c":
+            os.killpg(dev.pid, signal.SIGINT)
+        else:
+            dev.terminate()
+        assert dev.wait(25) == 0, out.read_text()  # the way a demo ends
         _assert_all_end(started, 10, out)
     finally:
         _kill(dev, started)
-    assert "Traceback" not in (tmp_path / ".state" / "worker.log").read_text()
+    # what the demo does last, once its worker and broker have stopped
+    assert not list((tmp_path / ".state").glob("embedded-*")), out.read_text()
     with socket.socket() as probe:
         assert probe.connect_ex(("127.0.0.1", port)) != 0  # nobody left on the port
 
 
-def test_sigterm_stops_the_demo_and_everything_it_started(tmp_path: Path) -> None:
-    """`kill` (SIGTERM to the demo alone) stops it as Ctrl-C does."""
-    out = tmp_path / "demo.out"
+def test_a_closed_terminal_stops_a_worker_and_its_embedded_broker(tmp_path: Path) -> None:
+    """SIGHUP stops `safety-monitor worker` as SIGTERM does: a clean shutdown that stops
+    the broker it started, which runs in a session of its own, out of a terminal's reach."""
+    port = free_port()
+    out = tmp_path / "worker.out"
     with out.open("wb") as sink:
-        demo = subprocess.Popen([sys.executable, "-m", "monitor.cli", "demo", "--web-port",
-                                 str(free_port())], cwd=tmp_path, env=_demo_env(), stdout=sink,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    started: set[int] = set()
+        worker = subprocess.Popen([sys.executable, "-m", "monitor.cli", "worker"], cwd=tmp_path,
+                                  env={**_demo_env(), "MONITOR_WEB_PORT": str(port)},
+                                  stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    started: list[psutil.Process] = []
     try:
-        _wait_until_running(demo, out)
-        started = _descendants(demo.pid)  # its broker and its worker
-        assert len(started) >= 2, started
-        demo.terminate()
-        assert demo.wait(25) == 0, out.read_text()  # as after Ctrl-C: the way a demo ends
+        deadline = time.monotonic() + 120
+        while not _answers(f"http://127.0.0.1:{port}/readyz"):
+            assert worker.poll() is None, out.read_text()
+            assert time.monotonic() < deadline, out.read_text()
+            time.sleep(0.3)
+        started = psutil.Process(worker.pid).children(recursive=True)  # its broker
+        assert started, out.read_text()
+        worker.send_signal(signal.SIGHUP)
+        assert worker.wait(30) == 0, out.read_text()  # shut down, not killed by the signal
         _assert_all_end(started, 10, out)
     finally:
-        _kill(demo, started)
+        _kill(worker, started)
+    assert not list((tmp_path / ".state").glob("embedded-*")), out.read_text()
 
 
 def _demo_env() -> dict[str, str]:
@@ -157,40 +176,32 @@ def _wait_until_running(process: subprocess.Popen, out: Path) -> None:
         time.sleep(0.5)
 
 
-def _descendants(root: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue  # ended meanwhile
-        children.setdefault(parent, []).append(int(stat.parent.name))
-    found, todo = set(), [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
-
-
-def _alive(pid: int) -> bool:
+def _answers(url: str) -> bool:
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except (OSError, ValueError):
         return False
 
 
-def _assert_all_end(pids: set[int], timeout: float, out: Path) -> None:
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _assert_all_end(processes: list[psutil.Process], timeout: float, out: Path) -> None:
     deadline = time.monotonic() + timeout
-    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+    while any(_alive(p) for p in processes) and time.monotonic() < deadline:
         time.sleep(0.2)
-    left = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-            for pid in pids if _alive(pid)}
+    left = [p for p in processes if _alive(p)]
     assert not left, f"still running: {left}\n{out.read_text(errors='replace')}"
 
 
-def _kill(process: subprocess.Popen, pids: set[int]) -> None:
-    for pid in {process.pid, *pids}:
-        if _alive(pid):
-            os.kill(pid, signal.SIGKILL)
+def _kill(process: subprocess.Popen, processes: list[psutil.Process]) -> None:
+    process.kill()
+    for left in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            left.kill()
     process.wait(10)
