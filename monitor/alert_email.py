@@ -178,9 +178,9 @@ def what_happened(alert: AlertTransition) -> list[str]:
         "cluster": [f"{value} with matching adverse events in "
                     f"{_group(detail)} within {detail.get('within_days', '?')} days of "
                     f"each other; the threshold is {number(alert.threshold)}."],
-        "dosing_while_halted": [f"{value} recorded while a halt alert of this trial was "
-                                "open; the threshold is "
-                                f"{number(alert.threshold)}."],
+        "dosing_while_halted": [f"{value} recorded while a halt rule of this trial was "
+                                "breached on what had been recorded by then; the threshold "
+                                f"is {number(alert.threshold)}."],
     }.get(alert.kind) or _boundary_lines(alert, detail, value)
     if alert.transition == RESOLVED:
         lines.append(f"The rule is below its threshold again; this closes episode "

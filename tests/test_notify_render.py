@@ -8,6 +8,7 @@ import email.policy
 import email.utils
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from monitor.alert_email import message_id, render, subject_line, text_table, trial_summary
@@ -96,6 +97,22 @@ def test_body_says_what_happened_what_it_means_and_what_to_do() -> None:
     assert "Two or more subjects with a related SAE in their 12-month window." in text
     assert "WHAT THE CHARTER ASKS YOU TO DO\nStop all dosing now." in text
     assert "severity HALT: stop dosing now" in text
+
+
+def test_a_dosing_alert_says_the_dose_was_judged_on_what_was_recorded_then() -> None:
+    rules = parse_rules("""
+trial_id: ISC.19.29
+rules:
+  - {id: dosing-while-halted, kind: dosing_while_halted, severity: halt}
+""", "test.yaml")
+    dose = EvidenceItem("ISC-005", "evt-0910", "infusion dose 2", None, None, None, None,
+                        dt.date(2022, 10, 25))
+    alert = msgspec.structs.replace(transition(evidence=(dose,), value=1),
+                                    rule_id="dosing-while-halted", kind="dosing_while_halted",
+                                    detail={"count": "events"})
+    text = text_of(render(alert, rules))
+    assert ("recorded while a halt rule of this trial was breached on what had been "
+            "recorded by then; the threshold is 2.") in text
 
 
 def test_evidence_table_has_one_row_per_item_in_both_parts() -> None:

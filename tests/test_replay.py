@@ -69,7 +69,9 @@ def test_sample_log_breaches_and_resolves(capsys) -> None:
 def test_shuffled_log_gives_the_same_counts_and_final_rule_states(capsys, tmp_path) -> None:
     lines = SAMPLE.read_bytes().splitlines(keepends=True)
     expected = replay_json(capsys, str(SAMPLE))
-    for seed in (1, 2, 3):
+    # seeds 7 and 12 changed dosing-while-halted while it was judged on the halt alerts
+    # open when an infusion arrived, rather than on what was recorded before it
+    for seed in (1, 7, 12):
         shuffled = list(lines)
         random.Random(seed).shuffle(shuffled)
         path = tmp_path / f"shuffled-{seed}.jsonl"

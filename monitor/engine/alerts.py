@@ -166,9 +166,3 @@ def transition_of(trial_id: str, rule, entry: LedgerEntry,  # noqa: ANN001
         added=tuple(k for k in keys if k not in was),
         removed=tuple(k for k in before if k not in now), detail=result.detail)
 
-
-def halt_periods(ledger: dict[str, LedgerEntry],
-                 exclude: str) -> list[tuple[dt.datetime, dt.datetime | None]]:
-    """Every halt episode of the trial's other rules, as (raised_at, resolved_at)."""
-    return [(e.raised_at, e.resolved_at) for entry in ledger.values()
-            if entry.severity == "halt" and entry.rule_id != exclude for e in entry.episodes]

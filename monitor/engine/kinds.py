@@ -96,6 +96,14 @@ class Match(BaseModel):
 
     def model_post_init(self, _context: object) -> None:
         self._checks = tuple(self._compile())
+        self._unplaced = self._checks[:-1] if self.within_hours_of_infusion is not None \
+            else self._checks
+
+    @property
+    def checks_of_the_ae_alone(self) -> tuple[Check, ...]:
+        """`checks` but those that need the onset's place (hours since an infusion): an
+        AE that fails one never matches, wherever it is placed."""
+        return self._unplaced
 
     @property
     def checks(self) -> tuple[Check, ...]:
@@ -136,7 +144,7 @@ class Match(BaseModel):
             yield lambda ae, p, d: _folded(ae.meddra_pt) in pts
         if socs := _folded_all(self.meddra_soc):
             yield lambda ae, p, d: _folded(ae.meddra_soc) in socs
-        if self.within_hours_of_infusion is not None:
+        if self.within_hours_of_infusion is not None:  # last: see checks_of_the_ae_alone
             days = math.ceil(self.within_hours_of_infusion / 24)
             yield lambda ae, p, d: near_infusion(p.onset, d, days)
 
@@ -442,9 +450,16 @@ def _sort_key(item: EvidenceItem) -> tuple:
 
 
 class DosingWhileHalted(Rule):
-    """An infusion recorded after a ``halt`` alert of another rule was raised and
-    before it was resolved (compared on ``recorded_at``; strictly after: the infusion
-    whose arrival raised the halt, at its own ``recorded_at``, does not count)."""
+    """An infusion recorded after a ``halt`` alert was raised and before it was resolved.
+
+    Judged on what the sponsor knew, as ``replay --as-of`` is: an infusion recorded at
+    instant t counts when a ``halt`` rule (other than those of this kind) is breached
+    both on the messages recorded before t and on those recorded up to t (a message
+    that later lost a tie on its AE's version included, until the winner's). So the
+    infusion whose own arrival raises a halt does not count, nor one recorded at the
+    instant a halt is resolved; and the arrival order of the same messages does not
+    change the result (the engine judges again the infusions a late message concerns,
+    `state.judge_infusions`)."""
 
     kind: Literal["dosing_while_halted"]
     threshold: int = Field(1, ge=1)
@@ -461,8 +476,3 @@ class DosingWhileHalted(Rule):
     def tracker(self) -> CountTracker:
         return CountTracker(self, count="events")
 
-    @staticmethod
-    def during_halt(recorded_at: dt.datetime,
-                    halts: list[tuple[dt.datetime, dt.datetime | None]]) -> bool:
-        return any(start < recorded_at and (end is None or recorded_at < end)
-                   for start, end in halts)

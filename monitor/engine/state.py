@@ -22,11 +22,14 @@ later ``recorded_at``, then the greater ``event_id``.
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import enum
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from itertools import groupby
 from sys import intern
 from typing import Literal, NamedTuple
 
@@ -42,7 +45,7 @@ from .events import (
     RegulatoryReport,
     SubjectStatus,
 )
-from .kinds import Rule
+from .kinds import Check, Rule
 from .rules import TrialRules
 from .window import Placement, WindowLength, place_onset
 
@@ -71,18 +74,20 @@ class Seen(msgspec.Struct, gc=False):
 class AeHistory(msgspec.Struct, array_like=True, gc=False):
     """One AE: the winning message of each version number, with its stream position
     (None in replay); the ids and positions of messages that lost a tie on their version
-    (made on the first); and the positions of later copies of a taken id (the
-    duplicates; made on the first). Of two messages with one version, the later
-    ``recorded_at`` wins, then the greater ``event_id``; the current version is the
-    highest.
+    (made on the first); the positions of later copies of a taken id (the duplicates;
+    made on the first); and the messages that lost a tie (what was known until the
+    winner was recorded: `judge_infusions` reads them). Of two messages with one
+    version, the later ``recorded_at`` wins, then the greater ``event_id``; the current
+    version is the highest.
 
     Tuples, not dicts: an AE has one message or a few, and a trial keeps many AEs. Stored
-    as a JSON array ``[messages, positions, again, lost]``."""
+    as a JSON array ``[messages, positions, again, lost, losers]``."""
 
     messages: tuple[AdverseEvent, ...] = ()  # by version number
     positions: tuple[int | None, ...] = ()
     again: dict[str, list[int | None]] | None = None
     lost: dict[str, int | None] | None = None
+    losers: tuple[AdverseEvent, ...] = ()  # none in rows of builds before 2026-12-04
 
     @property
     def current(self) -> AdverseEvent:
@@ -112,13 +117,16 @@ class AeHistory(msgspec.Struct, array_like=True, gc=False):
         if at < len(messages) and messages[at].version == ae.version:  # a tie
             rival = messages[at]
             if (ae.recorded_at, ae.event_id) > (rival.recorded_at, rival.event_id):
-                loser, loser_at = rival.event_id, positions[at]
+                loser, loser_at = rival, positions[at]
                 messages[at], positions[at] = ae, position
             else:
-                loser, loser_at = ae.event_id, position
+                loser, loser_at = ae, position
             if self.lost is None:
                 self.lost = {}
-            self.lost[loser] = loser_at
+            self.lost[loser.event_id] = loser_at
+            loser.onset_latest = loser.onset_latest_own  # as it says alone: see cap_onset
+            self.losers = tuple(sorted((*self.losers, loser),  # in any order of arrival
+                                       key=lambda m: (m.recorded_at, m.event_id)))
         else:
             messages.insert(at, ae)
             positions.insert(at, position)
@@ -252,6 +260,24 @@ class TrialState:
     infusion_days: dict[str, tuple[dt.date, dt.date, list[dt.date]]] = field(default_factory=dict)
     # (first infusion day, subject id) of every infused subject, in order
     infusion_order: list[tuple[dt.date, str]] = field(default_factory=list)
+    # for the rules that watch halts (`_watch_halts`): those rules; the halt rules they
+    # watch, and the trial's rules file with those alone; the latest recorded_at of an
+    # AE message or infusion kept, and of an infusion; whether a halt rule is breached
+    # now (as of the last `tracking.evaluate`; kept only where a rule watches halts),
+    # and before that latest instant (None: unknown, since a late message)
+    halt_watchers: tuple[Rule, ...] = ()
+    halt_rules: tuple[Rule, ...] = ()
+    halt_only: TrialRules | None = None
+    halt_input_at: dt.datetime | None = None
+    last_infusion_at: dt.datetime | None = None
+    halted: bool = False
+    halted_before_latest: bool | None = None
+    # (subject id, infusion) of the infusions recorded at halt_input_at; and, per halt
+    # rule, the checks an AE alone must pass to be its evidence anywhere
+    latest_infusions: list[tuple[str, Infusion]] = field(default_factory=list)
+    halt_checks: tuple[tuple[Check, ...], ...] = ()
+    # the AEs a halt rule may count, by subject: made by the first `judge_infusions`
+    halt_aes: dict[str, set[str]] | None = None
 
     def placement(self, subject_id: str, ae: AdverseEvent) -> Placement:
         known = self.infusion_days.get(subject_id)
@@ -284,15 +310,29 @@ def rebuild(trial: TrialState) -> TrialState:
         ((r, r.match.in_window, r.match.grade_min or 1,
           r.match.checks_after_grade + r.extra_checks(), trial.trackers[r.id])
          for r in rules if r.watches_adverse_events), key=lambda plan: plan[2]))
+    trial.halt_watchers = tuple(r for r in rules if r.watches_halts)
+    trial.halt_rules = tuple(r for r in rules if r.severity == "halt" and not r.watches_halts)
+    trial.halt_only = trial.rules.model_copy(update={"rules": trial.halt_rules}) \
+        if trial.halt_watchers else None
+    trial.halt_checks = tuple(r.match.checks_of_the_ae_alone + r.extra_checks()
+                              for r in trial.halt_rules)
     trial.infusion_days, trial.infusion_order, trial.counts = {}, [], Counts()
+    trial.halt_input_at = trial.last_infusion_at = None
     for subject in trial.subjects.values():
         for history in subject.aes.values():
             history.cap_onset()  # derived, as `take` leaves it
+            for ae in history.messages:
+                trial.halt_input_at = _later(trial.halt_input_at, ae.recorded_at)
+        for infusion in subject.infusions:
+            trial.last_infusion_at = _later(trial.last_infusion_at, infusion.recorded_at)
         _count_subject(trial.counts, subject)
         tracking.cache_infusions(trial, subject)
         tracking.track_subject(trial, subject)
+    trial.halt_input_at = _later(trial.halt_input_at, trial.last_infusion_at)
     tracking.track_infused(trial)
-    tracking.track_halts(trial)
+    trial.halted, trial.halted_before_latest = tracking.halted_now(trial), None
+    trial.latest_infusions, trial.halt_aes = [], None
+    judge_infusions(trial)
     # the ledger keeps a digest of each rule's evidence, not the keys: they are the
     # trackers' own, unless the rules changed since it was written
     trial.evidence = {}
@@ -301,6 +341,138 @@ def rebuild(trial: TrialState) -> TrialState:
         keys = trial.trackers[rule.id].evidence_keys() if entry.breached else ()
         trial.evidence[rule.id] = alerts.known_evidence(entry, keys)
     return trial
+
+
+def _later(known: dt.datetime | None, at: dt.datetime | None) -> dt.datetime | None:
+    return at if known is None or (at is not None and at > known) else known
+
+
+def _watch_halts(trial: TrialState, at: dt.datetime, halted_before: bool,
+                 infusion: tuple[str, Infusion] | None = None,
+                 history: AeHistory | None = None) -> list[Rule]:
+    """After an AE message (of ``history``) or an infusion (``(subject_id, infusion)``)
+    recorded at ``at`` was applied, with ``halted_before`` the halt state before it:
+    judge again the infusions it concerns, for the rules that watch halts; the rules
+    that changed.
+
+    None when the message is the latest: the usual case. Those recorded at ``at``
+    (several messages of one instant), on the state before that instant and now. Every
+    infusion, from the kept messages, when a message is late: recorded before an
+    infusion already kept (unless no halt rule can count its AE)."""
+    latest = trial.halt_input_at
+    if infusion is not None:
+        trial.last_infusion_at = _later(trial.last_infusion_at, at)
+    if latest is None or at > latest:  # the latest: the halt state before it is known
+        trial.halt_input_at, trial.halted_before_latest = at, halted_before
+        trial.latest_infusions = [] if infusion is None else [infusion]
+        if infusion is None or not halted_before:
+            # an AE: no infusion is recorded at it or after it; an infusion: no halt
+            # held before it, so it is not counted, and was not
+            return []
+        return tracking.judge_infusion(trial, *infusion, tracking.halted_now(trial))
+    if at == latest and trial.halted_before_latest is not None:
+        if infusion is not None:
+            trial.latest_infusions.append(infusion)
+        halted = trial.halted_before_latest and tracking.halted_now(trial)
+        dirty: dict[str, Rule] = {}
+        for subject_id, given in trial.latest_infusions:
+            for rule in tracking.judge_infusion(trial, subject_id, given, halted):
+                dirty[rule.id] = rule
+        return list(dirty.values())
+    if history is not None and not _may_halt(trial, history):
+        return []  # no halt rule counts this AE, whichever version and wherever placed
+    if trial.last_infusion_at is None or at > trial.last_infusion_at:
+        trial.halted_before_latest = None  # late, but before no infusion: it may be later
+        return []
+    return judge_infusions(trial)
+
+
+def _may_halt(trial: TrialState, history: AeHistory) -> bool:
+    """Whether a version of the AE, or a message that lost a tie, passes the checks of
+    some halt rule that do not need its placement."""
+    known = trial.halt_aes
+    if known is not None:
+        ae = history.current
+        return ae.ae_id in known.get(ae.subject_id, ())
+    return any(_may_halt_alone(trial, ae) for ae in (*history.messages, *history.losers))
+
+
+def _may_halt_alone(trial: TrialState, ae: AdverseEvent) -> bool:
+    return any(all(check(ae, None, ()) for check in checks) for checks in trial.halt_checks)
+
+
+def judge_infusions(trial: TrialState) -> list[Rule]:
+    """Judge every infusion of the trial, for the rules that watch halts (see
+    `kinds.DosingWhileHalted`), from the kept messages; the rules that changed."""
+    if not trial.halt_watchers or trial.last_infusion_at is None:
+        return []
+    halted = _halted_around(trial)
+    trial.halted_before_latest = halted(trial.halt_input_at)[0]
+    trial.latest_infusions = []
+    dirty: dict[str, Rule] = {}
+    for subject in trial.subjects.values():
+        for infusion in subject.infusions:
+            if infusion.recorded_at == trial.halt_input_at:
+                trial.latest_infusions.append((subject.subject_id, infusion))
+            before, after = halted(infusion.recorded_at)
+            for rule in tracking.judge_infusion(trial, subject.subject_id, infusion,
+                                                before and after):
+                dirty[rule.id] = rule
+    return list(dirty.values())
+
+
+def _halted_around(trial: TrialState) -> Callable[[dt.datetime], tuple[bool, bool]]:
+    """Whether a halt rule was breached on what was recorded before an instant, and on
+    what was recorded up to it (what the sponsor knew). The messages a halt rule may
+    count are stepped again in order of recorded_at through a trial with the halt rules
+    alone: the AE messages that may be evidence (with those that lost a tie), and the
+    infusions that place them (every infusion, when a halt rule counts the subjects
+    infused so far)."""
+    scratch = rebuild(TrialState(trial.trial_id, trial.halt_only))
+    if trial.halt_aes is None:  # kept from now on by `_apply_ae`
+        found = {}
+        for subject in trial.subjects.values():
+            if counted := {ae_id for ae_id, history in subject.aes.items()
+                           if _may_halt(trial, history)}:
+                found[subject.subject_id] = counted
+        trial.halt_aes = found
+    every_infusion = any(rule.watches_infused for rule in trial.halt_rules)
+    kept: list[Infusion | AdverseEvent] = []
+    for subject in trial.subjects.values():
+        counted = trial.halt_aes.get(subject.subject_id, ())
+        if counted or every_infusion:
+            kept += subject.infusions
+        for ae_id in sorted(counted):
+            history = subject.aes[ae_id]
+            kept += map(_as_reported, (*history.messages, *history.losers))
+    kept.sort(key=_recorded_at)
+    instants: list[dt.datetime] = []
+    after: list[bool] = []  # the halt state after each instant's messages
+    for at, messages in groupby(kept, key=_recorded_at):
+        for message in messages:
+            step(scratch, message)
+        instants.append(at)
+        after.append(tracking.halted_now(scratch))
+
+    def around(at: dt.datetime) -> tuple[bool, bool]:
+        before, upto = bisect_left(instants, at), bisect_right(instants, at)
+        return (before > 0 and after[before - 1], upto > 0 and after[upto - 1])
+
+    return around
+
+
+def _as_reported(ae: AdverseEvent) -> AdverseEvent:
+    """A copy of a kept message as it arrived: a step caps the onset of the AE's current
+    version in place (`AeHistory.cap_onset`). Not `msgspec.structs.replace`, which
+    would read the fields again, strictly: a row of an earlier build may hold a value
+    read loosely then."""
+    copied = copy.copy(ae)
+    copied.onset_latest = copied.onset_latest_own
+    return copied
+
+
+def _recorded_at(message: Infusion | AdverseEvent) -> dt.datetime:
+    return message.recorded_at
 
 
 def _count_subject(counts: Counts, subject: Subject) -> None:
@@ -409,25 +581,32 @@ def _apply_ae(trial: TrialState, subject: Subject, history: AeHistory,
         ae.meddra_soc = intern(ae.meddra_soc)
     if not history.messages:  # the usual case: the AE's first message
         history.take(ae, position)
-        return tracking.track_ae(trial, subject.subject_id, ae, first=True)
-    before = history.current  # the highest version wins
-    latest = before.onset_latest  # an earlier report can move it back (`cap_onset`)
-    history.take(ae, position)
-    if history.current is before and before.onset_latest == latest:
-        return []
-    return tracking.track_ae(trial, subject.subject_id, history.current)
+        dirty = tracking.track_ae(trial, subject.subject_id, ae, first=True)
+    else:
+        before = history.current  # the highest version wins
+        latest = before.onset_latest  # an earlier report can move it back (`cap_onset`)
+        history.take(ae, position)
+        dirty = [] if history.current is before and before.onset_latest == latest else \
+            tracking.track_ae(trial, subject.subject_id, history.current)
+    if trial.halt_watchers:  # `halted`: as the last step left it
+        if trial.halt_aes is not None and _may_halt_alone(trial, ae):
+            trial.halt_aes.setdefault(subject.subject_id, set()).add(ae.ae_id)
+        dirty += _watch_halts(trial, ae.recorded_at, trial.halted, history=history)
+    return dirty
 
 
 def _apply_infusion(trial: TrialState, subject: Subject, header: SubjectHeader,
                     infusion: Infusion, _position: int | None) -> list[Rule]:
+    halted_before = trial.halted
     header.infusions.append(infusion)
     first_changed = tracking.cache_infusions(trial, subject)
     dirty = tracking.track_subject(trial, subject)
     if first_changed:  # a subject infused, or infused earlier than known: the order moves
         dirty += tracking.track_infused(trial)
-    # the halt episodes have not changed since the trackers last saw them (alerts come
-    # only after this): the new infusion is all that a rule watching halts can gain
-    return dirty + tracking.track_halts(trial, [(subject.subject_id, infusion)])
+    if trial.halt_watchers:
+        dirty += _watch_halts(trial, infusion.recorded_at, halted_before,
+                              (subject.subject_id, infusion))
+    return dirty
 
 
 def _apply_status(trial: TrialState, subject: Subject, header: SubjectHeader,

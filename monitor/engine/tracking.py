@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from . import alerts
 from .events import AdverseEvent, Infusion
-from .kinds import DosingWhileHalted, EvidenceItem, Rule
+from .kinds import EvidenceItem, Rule
 from .window import IN_WINDOW, place_onset
 
 if TYPE_CHECKING:
@@ -97,29 +97,21 @@ def track_infused(trial: TrialState) -> list[Rule]:
     return [r for r in rules if r.watches_infused and trial.trackers[r.id].infused(order)]
 
 
-def track_halts(trial: TrialState,
-                infusions: list[tuple[str, Infusion]] | None = None) -> list[Rule]:
-    """Re-derive the rules that watch halts from the halt episodes and every infusion,
-    or only the ``(subject_id, infusion)`` given when the episodes are unchanged since
-    the last call."""
-    dirty = []
-    rules = trial.rules.rules if trial.rules else ()
-    for rule in (r for r in rules if r.watches_halts):
-        periods = alerts.halt_periods(trial.ledger, exclude=rule.id)
-        tracker, changed = trial.trackers[rule.id], False
-        if not periods and not tracker.items:
-            continue  # no halt ever, nothing counted: nothing can change
-        every = ((s.subject_id, i) for s in trial.subjects.values() for i in s.infusions)
-        for subject_id, infusion in every if infusions is None else infusions:
-            item = _dosing_item(subject_id, infusion) \
-                if DosingWhileHalted.during_halt(infusion.recorded_at, periods) else None
-            changed |= tracker.set(subject_id, infusion.event_id, item)
-        if changed:
-            dirty.append(rule)
-    return dirty
+def halted_now(trial: TrialState) -> bool:
+    """Whether a ``halt`` rule (other than those watching halts) is breached now."""
+    trackers = trial.trackers
+    return any(trackers[rule.id].breached() for rule in trial.halt_rules)
 
 
-def _dosing_item(subject_id: str, infusion: Infusion) -> EvidenceItem:
+def judge_infusion(trial: TrialState, subject_id: str, infusion: Infusion,
+                   halted: bool) -> list[Rule]:
+    """Tell the rules watching halts whether this infusion was given during one."""
+    item = dosing_item(subject_id, infusion) if halted else None
+    return [rule for rule in trial.halt_watchers
+            if trial.trackers[rule.id].set(subject_id, infusion.event_id, item)]
+
+
+def dosing_item(subject_id: str, infusion: Infusion) -> EvidenceItem:
     return EvidenceItem(subject_id, infusion.event_id, f"infusion dose {infusion.dose_number}",
                         None, None, None, None, infusion.infused_on, None)
 
@@ -128,18 +120,11 @@ def evaluate(trial: TrialState, dirty: list[Rule], event) -> list[alerts.AlertTr
     """Decide the transitions of the rules that changed, in rules-file order; ``event``
     (anything with ``event_id`` and ``recorded_at``) is the cause."""
     out: list[alerts.AlertTransition] = []
+    if trial.halt_watchers and any(rule.severity == "halt" for rule in dirty):
+        trial.halted = halted_now(trial)
     if len(dirty) > 1:
         order = [r.id for r in trial.rules.rules]
         dirty = sorted({r.id: r for r in dirty}.values(), key=lambda r: order.index(r.id))
-    halted = _decide(trial, dirty, event, out)
-    if halted:
-        _decide(trial, track_halts(trial), event, out)
-    return out
-
-
-def _decide(trial: TrialState, dirty: list[Rule], event,  # noqa: ANN001
-            out: list[alerts.AlertTransition]) -> bool:
-    halt_changed = False
     for rule in dirty:
         entry, tracker = trial.ledger[rule.id], trial.trackers[rule.id]
         if not entry.breached and not tracker.breached():
@@ -156,5 +141,4 @@ def _decide(trial: TrialState, dirty: list[Rule], event,  # noqa: ANN001
         if transition is not None:
             out.append(alerts.transition_of(trial.trial_id, rule, entry, before, result,
                                             transition, event.event_id, event.recorded_at))
-            halt_changed |= rule.severity == "halt" and transition != alerts.UPDATED
-    return halt_changed
+    return out

@@ -15,7 +15,7 @@ SOURCES = sorted(ENGINE.glob("*.py"))
 ALLOWED_IMPORTS = {
     "__future__", "bisect", "calendar", "sys", "collections", "dataclasses", "datetime",
     "functools", "hashlib", "itertools", "math", "operator", "re", "statistics", "typing",
-    "types", "enum",
+    "types", "enum", "copy",
     "contextlib", "contextvars",  # events.reading_stored: a scope, set by records.load
     "msgspec", "orjson", "pydantic", "yaml", "numpy", "scipy",
 }

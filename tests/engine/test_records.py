@@ -21,10 +21,11 @@ from monitor.engine.state import (
     reconcile,
     step,
 )
+from monitor.engine.trials import Trials
 from monitor.replay import replay
 from monitor.rules_loader import load_rules_dir
 from tests.builders import TRIAL, ae, encode, event, infusion
-from tests.engine.test_state import RULES
+from tests.engine.test_state import DOSE, REASSESSED, RULES, SAE_1, SAE_2
 from tests.test_replay import RULES as RULES_DIR
 from tests.test_replay import SAMPLE
 
@@ -161,7 +162,8 @@ def test_a_ledger_written_before_the_digest_loads_without_a_new_alert() -> None:
 def test_an_ae_row_written_as_an_object_loads_as_the_same_ae() -> None:
     """AE rows written before 2026-12-03 are JSON objects: the winning message of each
     version, and the ids taken. They load as the same AE, the message that lost a tie
-    included (its id and position): redelivered, none of them changes anything."""
+    included (its id and position, not the message): redelivered, none of them changes
+    anything."""
     trial = new_trial(TRIAL, RULES_ISC)
     step(trial, event(infusion("S1", "2021-01-01")), position=0)
     first = ae("S1", "A", "2021-02-01", grade=3, serious=True)
@@ -180,7 +182,8 @@ def test_an_ae_row_written_as_an_object_loads_as_the_same_ae() -> None:
     rows = [(key, orjson.dumps(old) if key.startswith("a") else value)
             for key, value in rows_of(trial)]
     loaded = records.load_trial(TRIAL, RULES_ISC, rows)
-    assert loaded.subjects["S1"].aes["A"] == history
+    # the lost message itself was not kept then: only what `judge_infusions` reads
+    assert loaded.subjects["S1"].aes["A"] == msgspec.structs.replace(history, losers=())
     assert trial_report(loaded, AS_OF) == trial_report(trial, AS_OF)
     assert reconcile(loaded) == []
     for position, message in ((1, first), (2, won), (3, lost), (9, first)):
@@ -245,3 +248,53 @@ def test_messages_an_earlier_build_stored_load_as_it_read_them() -> None:
     for message in (given, first):  # a new message is read strictly, after a load too
         name, text = loose[message["event_id"]]
         assert "reason" in msgspec.structs.asdict(parse_event(encode({**message, name: text})))
+
+
+def test_a_halt_state_survives_a_load_with_late_messages_judged_as_they_were() -> None:
+    """`rebuild` (a worker's restart) derives the same dosing judgement from the kept
+    messages as the steps did, whatever order they came in."""
+    trials = Trials({TRIAL: RULES_ISC})
+    for message in [infusion("S1", "2021-01-01"), infusion("S2", "2021-01-02"), REASSESSED,
+                    DOSE, SAE_2, SAE_1]:
+        trials.apply(event(message))
+    trial = trials.trials[TRIAL]
+    loaded = records.load_trial(TRIAL, trial.rules, rows_of(trial))
+    assert loaded.trackers["dosing-while-halted"].result() == \
+        trial.trackers["dosing-while-halted"].result()
+    assert loaded.trackers["dosing-while-halted"].value() == 1
+
+
+def test_a_tie_s_lost_message_is_kept_for_the_halts_after_a_load() -> None:
+    """The message that lost a tie on its version is stored with its AE: a worker's
+    restart judges the doses recorded before the winner as the steps did, and has no
+    transition to send."""
+    correction = ae("S2", "B", "2021-02-03", serious=True, relatedness="not_related",
+                    recorded_at="2021-02-06T00:00:00Z")  # version 1 again, recorded later
+    trials = Trials({TRIAL: RULES_ISC})
+    for message in [infusion("S1", "2021-01-01"), infusion("S2", "2021-01-02"), SAE_1, SAE_2,
+                    DOSE, correction]:
+        trials.apply(event(message))
+    trial = trials.trials[TRIAL]
+    assert trial.trackers["dosing-while-halted"].value() == 1
+    loaded = records.load_trial(TRIAL, trial.rules, rows_of(trial))
+    assert loaded.subjects["S2"].aes["B"].losers[0].event_id == SAE_2["event_id"]
+    assert loaded.trackers["dosing-while-halted"].value() == 1
+    assert reconcile(loaded) == []
+
+
+def test_a_message_an_earlier_build_stored_loosely_is_stepped_again_without_error() -> None:
+    """`judge_infusions` steps kept messages again: one that an earlier build read
+    loosely (an onset with a time) is not read again, strictly."""
+    trial = new_trial(TRIAL, RULES_ISC)
+    for message in (infusion("S1", "2021-01-01", recorded_at="2021-01-01T09:00:00Z"),
+                    ae("S1", "A", "2021-02", serious=True, recorded_at="2021-03-01T09:00:00Z")):
+        step(trial, event(message))
+    rows = []
+    for key, value in rows_of(trial):
+        if key.startswith("a"):  # the AE row, with its onset as such a build kept it
+            value = value.replace(b'"2021-02"', b'"2021-02T10:00"')
+            assert b"2021-02T10:00" in value
+        rows.append((key, value))
+    loaded = records.load_trial(TRIAL, RULES_ISC, rows)
+    late = infusion("S2", "2021-02-10", recorded_at="2021-02-10T09:00:00Z")  # before the AE
+    assert step(loaded, event(late))[1].outcome == ACCEPTED

@@ -251,6 +251,73 @@ def test_dosing_while_halted_and_not_after_resolution() -> None:
     assert rule(trials, "dosing-while-halted")["state"] == "ok"
 
 
+SAE_1 = ae("S1", "A", "2021-02-01", serious=True, recorded_at="2021-02-02T00:00:00Z")
+SAE_2 = ae("S2", "B", "2021-02-03", serious=True, recorded_at="2021-02-04T00:00:00Z")
+REASSESSED = ae("S2", "B", "2021-02-03", serious=True, version=2, relatedness="not_related",
+                recorded_at="2021-02-06T00:00:00Z")
+DOSE = infusion("S3", "2021-02-05", recorded_at="2021-02-05T00:00:00Z")  # while halted
+
+
+@pytest.mark.parametrize("order", [
+    [SAE_1, SAE_2, DOSE, REASSESSED],  # as recorded
+    [REASSESSED, SAE_1, SAE_2, DOSE],  # the re-assessment first: no halt ever open here
+    [DOSE, REASSESSED, SAE_2, SAE_1],
+    [SAE_1, DOSE, REASSESSED, SAE_2]])
+def test_dosing_while_halted_is_judged_on_what_was_recorded_before_the_dose(order) -> None:
+    """The halt was open from 02-04 (two related SAEs) to 02-06 (one re-assessed as not
+    related), and the dose was recorded on 02-05: dosing while halted, whatever order
+    the messages arrive in."""
+    trials, alerts = run([infusion("S1", "2021-01-01"), infusion("S2", "2021-01-02"), *order])
+    assert rule(trials, "related-sae")["state"] == "ok"
+    assert rule(trials, "dosing-while-halted")["evidence"] == [f"S3/{DOSE['event_id']}"]
+    raised = [a for a in alerts if a.rule_id == "dosing-while-halted"]
+    assert [a.transition for a in raised] == ["raised"]
+
+
+@pytest.mark.parametrize("arrival", ["in order", "correction before the dose"])
+def test_a_message_that_loses_a_tie_later_stood_until_the_winner_was_recorded(
+        arrival) -> None:
+    """A second message of the same version, recorded later, wins the tie (SPEC 3);
+    until it was recorded, the first was what the sponsor knew."""
+    correction = ae("S2", "B", "2021-02-03", serious=True, relatedness="not_related",
+                    recorded_at="2021-02-06T00:00:00Z")  # version 1 again
+    given = [infusion("S1", "2021-01-01"), infusion("S2", "2021-01-02"), SAE_1, SAE_2]
+    trials, _ = run([*given, DOSE, correction] if arrival == "in order"
+                    else [*given, correction, DOSE])
+    assert rule(trials, "related-sae")["state"] == "ok"
+    assert rule(trials, "dosing-while-halted")["evidence"] == [f"S3/{DOSE['event_id']}"]
+
+
+@pytest.mark.parametrize("late", [False, True])
+def test_a_dose_at_the_instant_of_the_latest_message_is_judged_on_all_before_it(late) -> None:
+    """Two SAEs recorded before the instant of the latest message but arriving after it
+    (``late``) open the halt before that instant, for a dose recorded at it."""
+    base = [infusion("S1", "2021-01-01"), infusion("S2", "2021-01-02")]
+    latest = ae("S1", "A", "2021-02-01", serious=True, version=2,
+                recorded_at="2021-02-12T12:00:00Z")
+    earlier = [ae("S1", "A", "2021-02-01", serious=True, recorded_at="2021-02-10T00:00:00Z"),
+               ae("S2", "B", "2021-02-03", serious=True, recorded_at="2021-02-11T00:00:00Z")]
+    dose = infusion("S3", "2021-02-12", recorded_at="2021-02-12T12:00:00Z")
+    trials, _ = run([*base, latest, *earlier, dose] if late else [*base, *earlier, latest, dose])
+    assert rule(trials, "dosing-while-halted")["evidence"] == [f"S3/{dose['event_id']}"]
+
+
+@pytest.mark.parametrize("arrival", ["in order", "dose first"])
+def test_a_dose_recorded_at_the_instant_a_halt_resolves_is_not_dosing_while_halted(
+        arrival) -> None:
+    base = [infusion("S1", "2021-01-01"), infusion("S2", "2021-01-02"),
+            ae("S1", "A", "2021-02-01", serious=True, recorded_at="2021-02-02T00:00:00Z"),
+            ae("S2", "B", "2021-02-03", serious=True, recorded_at="2021-02-04T00:00:00Z")]
+    resolve = ae("S2", "B", "2021-02-03", serious=True, version=2, relatedness="not_related",
+                 recorded_at="2021-02-05T00:00:00Z")
+    dose = infusion("S3", "2021-02-05", recorded_at="2021-02-05T00:00:00Z")
+    trials, _ = run([*base, resolve, dose] if arrival == "in order" else [*base, dose, resolve])
+    assert rule(trials, "related-sae")["state"] == "ok"
+    assert rule(trials, "dosing-while-halted")["state"] == "ok"
+    trials, _ = run([*base, dose])  # not resolved: the halt holds at the dose and after it
+    assert rule(trials, "dosing-while-halted")["evidence"] == [f"S3/{dose['event_id']}"]
+
+
 def test_a_trial_without_rules_is_counted_with_a_warning() -> None:
     trials = Trials({})
     trials.apply(event(infusion("S1", "2021-01-01", trial="OTHER.1")))
