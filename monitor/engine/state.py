@@ -276,8 +276,13 @@ class TrialState:
     # rule, the checks an AE alone must pass to be its evidence anywhere
     latest_infusions: list[tuple[str, Infusion]] = field(default_factory=list)
     halt_checks: tuple[tuple[Check, ...], ...] = ()
-    # the AEs a halt rule may count, by subject: made by the first `judge_infusions`
+    # the AEs a halt rule may count, by subject: made by the first `judge_infusions`;
+    # whether a halt rule counts the subjects infused so far (then every infusion counts)
     halt_aes: dict[str, set[str]] | None = None
+    halt_every_infusion: bool = False
+    # the last `judge_infusions`'s halt states by instant, while no message a halt rule
+    # may count has come since (see `_halted_around`)
+    halt_lookup: Callable[[dt.datetime], tuple[bool, bool]] | None = None
 
     def placement(self, subject_id: str, ae: AdverseEvent) -> Placement:
         known = self.infusion_days.get(subject_id)
@@ -316,6 +321,7 @@ def rebuild(trial: TrialState) -> TrialState:
         if trial.halt_watchers else None
     trial.halt_checks = tuple(r.match.checks_of_the_ae_alone + r.extra_checks()
                               for r in trial.halt_rules)
+    trial.halt_every_infusion = any(r.watches_infused for r in trial.halt_rules)
     trial.infusion_days, trial.infusion_order, trial.counts = {}, [], Counts()
     trial.halt_input_at = trial.last_infusion_at = None
     for subject in trial.subjects.values():
@@ -331,7 +337,7 @@ def rebuild(trial: TrialState) -> TrialState:
     trial.halt_input_at = _later(trial.halt_input_at, trial.last_infusion_at)
     tracking.track_infused(trial)
     trial.halted, trial.halted_before_latest = tracking.halted_now(trial), None
-    trial.latest_infusions, trial.halt_aes = [], None
+    trial.latest_infusions, trial.halt_aes, trial.halt_lookup = [], None, None
     judge_infusions(trial)
     # the ledger keeps a digest of each rule's evidence, not the keys: they are the
     # trackers' own, unless the rules changed since it was written
@@ -362,6 +368,8 @@ def _watch_halts(trial: TrialState, at: dt.datetime, halted_before: bool,
     latest = trial.halt_input_at
     if infusion is not None:
         trial.last_infusion_at = _later(trial.last_infusion_at, at)
+        if trial.halt_lookup is not None and _places_counted(trial, infusion[0]):
+            trial.halt_lookup = None  # the halt states may change
     if latest is None or at > latest:  # the latest: the halt state before it is known
         trial.halt_input_at, trial.halted_before_latest = at, halted_before
         trial.latest_infusions = [] if infusion is None else [infusion]
@@ -384,7 +392,16 @@ def _watch_halts(trial: TrialState, at: dt.datetime, halted_before: bool,
     if trial.last_infusion_at is None or at > trial.last_infusion_at:
         trial.halted_before_latest = None  # late, but before no infusion: it may be later
         return []
+    if infusion is not None and trial.halt_lookup is not None:
+        # an infusion that changes no halt rule's state: it alone is judged
+        before, after = trial.halt_lookup(at)
+        return tracking.judge_infusion(trial, *infusion, before and after)
     return judge_infusions(trial)
+
+
+def _places_counted(trial: TrialState, subject_id: str) -> bool:
+    """Whether an infusion of the subject may change a halt rule's state."""
+    return trial.halt_every_infusion or subject_id in (trial.halt_aes or ())
 
 
 def _may_halt(trial: TrialState, history: AeHistory) -> bool:
@@ -406,7 +423,7 @@ def judge_infusions(trial: TrialState) -> list[Rule]:
     `kinds.DosingWhileHalted`), from the kept messages; the rules that changed."""
     if not trial.halt_watchers or trial.last_infusion_at is None:
         return []
-    halted = _halted_around(trial)
+    halted = trial.halt_lookup = _halted_around(trial)
     trial.halted_before_latest = halted(trial.halt_input_at)[0]
     trial.latest_infusions = []
     dirty: dict[str, Rule] = {}
@@ -436,11 +453,10 @@ def _halted_around(trial: TrialState) -> Callable[[dt.datetime], tuple[bool, boo
                            if _may_halt(trial, history)}:
                 found[subject.subject_id] = counted
         trial.halt_aes = found
-    every_infusion = any(rule.watches_infused for rule in trial.halt_rules)
     kept: list[Infusion | AdverseEvent] = []
     for subject in trial.subjects.values():
         counted = trial.halt_aes.get(subject.subject_id, ())
-        if counted or every_infusion:
+        if counted or trial.halt_every_infusion:
             kept += subject.infusions
         for ae_id in sorted(counted):
             history = subject.aes[ae_id]
@@ -591,6 +607,8 @@ def _apply_ae(trial: TrialState, subject: Subject, history: AeHistory,
     if trial.halt_watchers:  # `halted`: as the last step left it
         if trial.halt_aes is not None and _may_halt_alone(trial, ae):
             trial.halt_aes.setdefault(subject.subject_id, set()).add(ae.ae_id)
+        if trial.halt_lookup is not None and _may_halt(trial, history):
+            trial.halt_lookup = None  # the halt states may change
         dirty += _watch_halts(trial, ae.recorded_at, trial.halted, history=history)
     return dirty
 

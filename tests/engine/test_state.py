@@ -288,6 +288,19 @@ def test_a_message_that_loses_a_tie_later_stood_until_the_winner_was_recorded(
     assert rule(trials, "dosing-while-halted")["evidence"] == [f"S3/{DOSE['event_id']}"]
 
 
+def test_late_doses_of_subjects_no_halt_rule_counts_are_judged_on_the_halt_states() -> None:
+    """Doses recorded during the halt (02-04 to 02-06) that arrive after its end: the
+    first makes the engine step the halt's messages again; the second, of another
+    subject with no SAE, changes no halt rule and is judged on the same states."""
+    doses = [infusion("S4", "2021-02-05", recorded_at="2021-02-05T00:00:00Z"),
+             infusion("S5", "2021-02-05", recorded_at="2021-02-05T06:00:00Z")]
+    trials, _ = run([infusion("S1", "2021-01-01"), infusion("S2", "2021-01-02"), SAE_1, SAE_2,
+                     REASSESSED, *doses])
+    assert rule(trials, "dosing-while-halted")["evidence"] == [
+        f"S4/{doses[0]['event_id']}", f"S5/{doses[1]['event_id']}"]
+    assert trials.trials[TRIAL].halt_lookup is not None  # the states were not made again
+
+
 @pytest.mark.parametrize("late", [False, True])
 def test_a_dose_at_the_instant_of_the_latest_message_is_judged_on_all_before_it(late) -> None:
     """Two SAEs recorded before the instant of the latest message but arriving after it
