@@ -26,7 +26,7 @@ import copy
 import datetime as dt
 import enum
 from bisect import bisect_left, bisect_right
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import groupby
@@ -382,11 +382,7 @@ def _watch_halts(trial: TrialState, at: dt.datetime, halted_before: bool,
         if infusion is not None:
             trial.latest_infusions.append(infusion)
         halted = trial.halted_before_latest and tracking.halted_now(trial)
-        dirty: dict[str, Rule] = {}
-        for subject_id, given in trial.latest_infusions:
-            for rule in tracking.judge_infusion(trial, subject_id, given, halted):
-                dirty[rule.id] = rule
-        return list(dirty.values())
+        return _judged(trial, ((*given, halted) for given in trial.latest_infusions))
     if history is not None and not _may_halt(trial, history):
         return []  # no halt rule counts this AE, whichever version and wherever placed
     if trial.last_infusion_at is None or at > trial.last_infusion_at:
@@ -425,16 +421,20 @@ def judge_infusions(trial: TrialState) -> list[Rule]:
         return []
     halted = trial.halt_lookup = _halted_around(trial)
     trial.halted_before_latest = halted(trial.halt_input_at)[0]
-    trial.latest_infusions = []
+    every = [(subject.subject_id, infusion) for subject in trial.subjects.values()
+             for infusion in subject.infusions]
+    trial.latest_infusions = [given for given in every
+                              if given[1].recorded_at == trial.halt_input_at]
+    return _judged(trial, ((*given, all(halted(given[1].recorded_at))) for given in every))
+
+
+def _judged(trial: TrialState, judged: Iterable[tuple[str, Infusion, bool]]) -> list[Rule]:
+    """Tell the rules that watch halts whether each infusion was given during one; the
+    rules that changed."""
     dirty: dict[str, Rule] = {}
-    for subject in trial.subjects.values():
-        for infusion in subject.infusions:
-            if infusion.recorded_at == trial.halt_input_at:
-                trial.latest_infusions.append((subject.subject_id, infusion))
-            before, after = halted(infusion.recorded_at)
-            for rule in tracking.judge_infusion(trial, subject.subject_id, infusion,
-                                                before and after):
-                dirty[rule.id] = rule
+    for subject_id, infusion, halted in judged:
+        for rule in tracking.judge_infusion(trial, subject_id, infusion, halted):
+            dirty[rule.id] = rule
     return list(dirty.values())
 
 

@@ -106,12 +106,12 @@ def halted_now(trial: TrialState) -> bool:
 def judge_infusion(trial: TrialState, subject_id: str, infusion: Infusion,
                    halted: bool) -> list[Rule]:
     """Tell the rules watching halts whether this infusion was given during one."""
-    item = dosing_item(subject_id, infusion) if halted else None
+    item = _dosing_item(subject_id, infusion) if halted else None
     return [rule for rule in trial.halt_watchers
             if trial.trackers[rule.id].set(subject_id, infusion.event_id, item)]
 
 
-def dosing_item(subject_id: str, infusion: Infusion) -> EvidenceItem:
+def _dosing_item(subject_id: str, infusion: Infusion) -> EvidenceItem:
     return EvidenceItem(subject_id, infusion.event_id, f"infusion dose {infusion.dose_number}",
                         None, None, None, None, infusion.infused_on, None)
 
