@@ -20,7 +20,7 @@ import datetime as dt
 import math
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
-from functools import partial
+from functools import cache, partial
 from sys import intern
 from typing import Annotated, ClassVar, Literal, NamedTuple
 
@@ -78,6 +78,30 @@ class RuleResult(NamedTuple):
 Check = Callable[[AdverseEvent, Placement, Sequence[dt.date]], bool]
 
 
+class Condition(NamedTuple):
+    """One condition on an adverse event: a Python expression over ``ae`` (the AE),
+    ``p`` (its `Placement`) and ``d`` (its subject's infusion days), where ``{0}``,
+    ``{1}`` ... stand for ``values`` (a set, a function). As an expression, the engine
+    inlines a trial's conditions into one function (`tracking.compile_plan`), where a
+    call per condition would cost more than the condition; `compile_check` makes it a
+    `Check` for everything else."""
+
+    source: str
+    values: tuple = ()
+
+    def expression(self, names: Sequence[str]) -> str:
+        """The expression, with ``names`` for its values."""
+        return self.source.format(*names)
+
+
+@cache
+def compile_check(condition: Condition) -> Check:
+    """The condition as a function of (ae, placement, infusion days)."""
+    names = [f"_v{index}" for index in range(len(condition.values))]
+    return eval(f"lambda ae, p, d: {condition.expression(names)}",  # noqa: S307 - our own
+                dict(zip(names, condition.values, strict=True)))
+
+
 class Match(BaseModel):
     """Which adverse events a rule looks at. Every condition given must hold."""
 
@@ -95,7 +119,8 @@ class Match(BaseModel):
     in_window: bool = True
 
     def model_post_init(self, _context: object) -> None:
-        self._checks = tuple(self._compile())
+        self._conditions = tuple(self._compile())
+        self._checks = tuple(map(compile_check, self._conditions))
         self._unplaced = self._checks[:-1] if self.within_hours_of_infusion is not None \
             else self._checks
 
@@ -107,13 +132,18 @@ class Match(BaseModel):
 
     @property
     def checks(self) -> tuple[Check, ...]:
-        """The conditions besides the window, compiled once: they run for every AE."""
+        """The conditions besides the window, compiled once, in `conditions` order."""
         return self._checks
 
     @property
-    def checks_after_grade(self) -> tuple[Check, ...]:
-        """`checks` but ``grade_min`` (the first), for a caller that compares it inline."""
-        return self._checks[1:] if self.grade_min is not None else self._checks
+    def conditions(self) -> tuple[Condition, ...]:
+        """The conditions besides the window, as expressions (``grade_min`` first)."""
+        return self._conditions
+
+    @property
+    def conditions_after_grade(self) -> tuple[Condition, ...]:
+        """`conditions` but ``grade_min``, for a caller that compares it itself."""
+        return self._conditions[1:] if self.grade_min is not None else self._conditions
 
     def matches(self, ae: AdverseEvent, placement: Placement,
                 infusions: Sequence[dt.date]) -> bool:
@@ -125,28 +155,29 @@ class Match(BaseModel):
                 return False
         return True
 
-    def _compile(self) -> Iterator[Check]:
-        if (grade := self.grade_min) is not None:  # first: see checks_after_grade
-            yield lambda ae, p, d: ae.grade >= grade
-        if (serious := self.serious) is not None:
-            yield lambda ae, p, d: ae.serious is serious
-        if (related := self.related) is not None:
-            yield lambda ae, p, d: (ae.relatedness is None or ae.relatedness in RELATED) \
-                is related
-        if (fatal := self.fatal) is not None:
-            yield lambda ae, p, d: (ae.grade == 5 or ae.outcome == "fatal" or
-                                    "death" in ae.serious_criteria) is fatal
-        if (expected := self.expected) is not None:
-            yield lambda ae, p, d: (ae.expected is True) is expected
+    def _compile(self) -> Iterator[Condition]:
+        if self.grade_min is not None:  # first: see conditions_after_grade
+            yield Condition(f"ae.grade >= {int(self.grade_min)}")
+        if self.serious is not None:
+            yield Condition(f"ae.serious is {bool(self.serious)}")
+        if self.related is not None:
+            yield Condition(("" if self.related else "not ") +
+                            "(ae.relatedness is None or ae.relatedness in {0})", (RELATED,))
+        if self.fatal is not None:
+            yield Condition(("" if self.fatal else "not ") + '(ae.grade == 5 or ae.outcome '
+                            '== "fatal" or "death" in ae.serious_criteria)')
+        if self.expected is not None:
+            yield Condition("ae.expected is True" if self.expected else
+                            "ae.expected is not True")
         if criteria := frozenset(self.serious_criteria):
-            yield lambda ae, p, d: not criteria.isdisjoint(ae.serious_criteria)
+            yield Condition("not {0}.isdisjoint(ae.serious_criteria)", (criteria,))
         if pts := _folded_all(self.meddra_pt):
-            yield lambda ae, p, d: _folded(ae.meddra_pt) in pts
+            yield Condition("{1}(ae.meddra_pt) in {0}", (pts, _folded))
         if socs := _folded_all(self.meddra_soc):
-            yield lambda ae, p, d: _folded(ae.meddra_soc) in socs
+            yield Condition("{1}(ae.meddra_soc) in {0}", (socs, _folded))
         if self.within_hours_of_infusion is not None:  # last: see checks_of_the_ae_alone
             days = math.ceil(self.within_hours_of_infusion / 24)
-            yield lambda ae, p, d: near_infusion(p.onset, d, days)
+            yield Condition(f"{{0}}(p.onset, d, {int(days)})", (near_infusion,))
 
 
 def near_infusion(onset: dt.date, infusions: Sequence[dt.date], days: int) -> bool:
@@ -191,6 +222,10 @@ class Rule(BaseModel):
         return self.item(subject_id, ae, placement)
 
     def extra_checks(self) -> tuple[Check, ...]:
+        """`extra_conditions` as functions."""
+        return tuple(map(compile_check, self.extra_conditions()))
+
+    def extra_conditions(self) -> tuple[Condition, ...]:
         """Conditions the kind adds to its ``match``."""
         return ()
 
@@ -301,10 +336,8 @@ class ClusterRule(Rule):
         name = ae.meddra_soc if self.by == "soc" else ae.meddra_pt
         return intern(name.casefold()) if name else None
 
-    def extra_checks(self) -> tuple[Check, ...]:
-        if self.by == "soc":
-            return (lambda ae, p, d: bool(ae.meddra_soc),)
-        return (lambda ae, p, d: bool(ae.meddra_pt),)
+    def extra_conditions(self) -> tuple[Condition, ...]:
+        return (Condition("bool(ae.meddra_soc)" if self.by == "soc" else "bool(ae.meddra_pt)"),)
 
     def tracker(self) -> ClusterTracker:
         return ClusterTracker(self)

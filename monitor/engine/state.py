@@ -252,8 +252,8 @@ class TrialState:
     # derived, rebuilt by `rebuild`:
     counts: Counts = field(default_factory=Counts)
     window: WindowLength = WindowLength()
-    # per AE rule: (rule, in-window only, lowest grade, the other checks, tracker)
-    ae_plan: tuple[tuple, ...] = ()
+    # what gives an AE to the rules (`tracking.compile_plan`); None: no rule looks at AEs
+    ae_plan: tracking.AePlan | None = None
     trackers: dict[str, object] = field(default_factory=dict)
     # per rule, the evidence keys of its last decision (None: unknown, see rebuild)
     evidence: dict[str, tuple[str, ...] | None] = field(default_factory=dict)
@@ -309,12 +309,7 @@ def rebuild(trial: TrialState) -> TrialState:
         trial.ledger.setdefault(rule.id, alerts.LedgerEntry(rule.id, rule.severity))
     trial.window = trial.rules.window.length if trial.rules else WindowLength()
     trial.trackers = {rule.id: rule.tracker() for rule in rules}
-    # by lowest grade, so that `track_ae` can stop at the first rule above a new AE's
-    # grade (the order of rules that changed is the rules file's again in `evaluate`)
-    trial.ae_plan = tuple(sorted(
-        ((r, r.match.in_window, r.match.grade_min or 1,
-          r.match.checks_after_grade + r.extra_checks(), trial.trackers[r.id])
-         for r in rules if r.watches_adverse_events), key=lambda plan: plan[2]))
+    trial.ae_plan = tracking.compile_plan(rules, trial.trackers)
     trial.halt_watchers = tuple(r for r in rules if r.watches_halts)
     trial.halt_rules = tuple(r for r in rules if r.severity == "halt" and not r.watches_halts)
     trial.halt_only = trial.rules.model_copy(update={"rules": trial.halt_rules}) \
@@ -556,6 +551,10 @@ def step(trial: TrialState, event: Event,
         if latest is None or recorded_at > latest or (recorded_at == latest and
                                                       event_id > counts.last_event_id):
             counts.last_recorded_at, counts.last_event_id = recorded_at, event_id
+    if kind is LabResult:  # most messages, with nothing else to apply: inline
+        held.results.append(Lab(intern(event.test), event.value, intern(event.unit),
+                                event.collected_on, event.uln, event.lln, event.dialysis))
+        return trial, _changes((ACCEPTED, record, ()))
     dirty = apply(trial, subject, held, event, position)
     if not dirty:
         return trial, _ACCEPTED_HEADER if record is None else _changes((ACCEPTED, record, ()))
@@ -641,15 +640,10 @@ def _apply_report(trial: TrialState, subject: Subject, header: SubjectHeader,
     return []
 
 
-def _apply_lab(trial: TrialState, subject: Subject, series: LabSeries,
-               lab: LabResult, _position: int | None) -> list[Rule]:
-    series.results.append(Lab(intern(lab.test), lab.value, intern(lab.unit), lab.collected_on,
-                              lab.uln, lab.lln, lab.dialysis))
-    return []
-
-# each kind of message: its tag, and how it is applied to its record
+# each kind of message: its tag, and how it is applied to its record (a lab result: in
+# `step` itself)
 _KINDS = {kind: (kind.__struct_config__.tag, apply) for kind, apply in (
-    (AdverseEvent, _apply_ae), (LabResult, _apply_lab), (Infusion, _apply_infusion),
+    (AdverseEvent, _apply_ae), (LabResult, None), (Infusion, _apply_infusion),
     (SubjectStatus, _apply_status), (RegulatoryReport, _apply_report))}
 
 

@@ -6,13 +6,16 @@ pure like the rest of the engine.
 
 from __future__ import annotations
 
+import datetime as dt
 from bisect import bisect_left, insort
+from collections.abc import Callable, Sequence
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from . import alerts
 from .events import AdverseEvent, Infusion
 from .kinds import EvidenceItem, Rule
-from .window import IN_WINDOW, place_onset
+from .window import IN_WINDOW, Placement, place_onset
 
 if TYPE_CHECKING:
     from .state import Subject, TrialState
@@ -43,10 +46,10 @@ def track_ae(trial: TrialState, subject_id: str, ae: AdverseEvent,
     """Give the AE's current version to every rule that looks at AEs. ``first``: no
     earlier version of this AE was ever current, so no rule counts it yet.
 
-    This is `Rule.evidence_for` inline (it runs for every AE and every rule): the
-    window and grade, then the rule's other compiled checks; an AE that matches nothing
-    and was never counted costs no call to the tracker."""
-    if not trial.ae_plan:
+    This is `Rule.evidence_for` of every rule, inline: the AE is placed once, then the
+    trial's `compile_plan` function checks it against each rule in turn."""
+    plan = trial.ae_plan
+    if plan is None:
         return []
     known = trial.infusion_days.get(subject_id)
     if known is None:  # not placed (awaiting the first infusion): no rule counts it
@@ -59,27 +62,77 @@ def track_ae(trial: TrialState, subject_id: str, ae: AdverseEvent,
     counts = placement.onset is not None and not ae.retracted
     if first and not counts:
         return []
-    in_window = placement.period == IN_WINDOW
-    dirty, ae_id, grade = [], ae.ae_id, ae.grade
-    for rule, window_only, grade_min, checks, tracker in trial.ae_plan:
-        if first and grade < grade_min:
-            break  # the plan is by lowest grade: no rule left counts it, none counted it
-        item = None
-        if counts and grade >= grade_min and (in_window or not window_only):
-            for check in checks:
-                if not check(ae, placement, days):
-                    break
-            else:
-                item = rule.item(subject_id, ae, placement)
-        if item is None:
-            if first:
-                continue
-            mine = tracker.items.get(subject_id)
-            if mine is None or ae_id not in mine:
-                continue
-        if tracker.set(subject_id, ae_id, item):
-            dirty.append(rule)
-    return dirty
+    return plan(subject_id, ae, placement, days, counts, placement.period == IN_WINDOW, first)
+
+
+AePlan = Callable[[str, AdverseEvent, Placement, Sequence[dt.date], bool, bool, bool],
+                  list[Rule]]
+
+
+def compile_plan(rules: Sequence[Rule], trackers: dict[str, object]) -> AePlan | None:
+    """One function that gives an AE to each rule that looks at AEs, as `track_ae` calls
+    it: ``(subject_id, ae, placement, infusion days, counts, in_window, first)`` -> the
+    rules whose tracker changed. None when no rule looks at AEs.
+
+    It runs for every AE and every rule, so each rule's conditions (`kinds.Condition`)
+    are inlined into its source, which reads::
+
+        # related-sae
+        if counts and in_window and (ae.serious is True) and (...):
+            if _b1(subject_id, ae_id, _b0(subject_id, ae, p)):  # tracker.set(rule.item)
+                dirty.append(_b2)
+        elif not first and ae_id in _b3.get(subject_id, ()):  # counted before: not now
+            if _b1(subject_id, ae_id, None):
+                dirty.append(_b2)
+
+    The rules go by lowest ``grade_min``, so a new AE stops at the first rule above its
+    grade (`evaluate` puts the rules that changed back in rules-file order). The source
+    depends on the rules alone, so trials with the same rules share its compilation."""
+    plan = sorted((r for r in rules if r.watches_adverse_events),
+                  key=lambda r: r.match.grade_min or 1)
+    if not plan:
+        return None
+    values: list[object] = []
+
+    def bind(value: object) -> str:
+        values.append(value)
+        return f"_b{len(values) - 1}"
+
+    lines, lowest = [], 1
+    for rule in plan:
+        grade_min = rule.match.grade_min or 1
+        tracker = trackers[rule.id]
+        conditions = (*rule.match.conditions_after_grade, *rule.extra_conditions())
+        tests = ["counts", *([f"grade >= {grade_min}"] if grade_min > 1 else []),
+                 *(["in_window"] if rule.match.in_window else []),
+                 *(f"({c.expression([bind(v) for v in c.values])})" for c in conditions)]
+        item, tally, changed = bind(rule.item), bind(tracker.set), bind(rule)
+        mine = bind(tracker.items)
+        if grade_min > lowest:
+            lines += [f"    if first and grade < {grade_min}:", "        return dirty"]
+            lowest = grade_min
+        lines += [f"    # {rule.id}",
+                  f"    if {' and '.join(tests)}:",
+                  f"        if {tally}(subject_id, ae_id, {item}(subject_id, ae, p)):",
+                  f"            dirty.append({changed})",
+                  f"    elif not first and ae_id in {mine}.get(subject_id, ()):",
+                  f"        if {tally}(subject_id, ae_id, None):",
+                  f"            dirty.append({changed})"]
+    names = ", ".join(f"_b{index}" for index in range(len(values)))
+    source = "\n".join([f"def make({names}):",
+                        "  def plan(subject_id, ae, p, d, counts, in_window, first):",
+                        "    dirty, grade, ae_id = [], ae.grade, ae.ae_id",
+                        *lines, "    return dirty", "  return plan", ""])
+    plan_function = _maker(source)(*values)
+    plan_function.source = source  # for a person debugging it
+    return plan_function
+
+
+@lru_cache(maxsize=64)
+def _maker(source: str) -> Callable[..., AePlan]:
+    namespace: dict[str, object] = {}
+    exec(compile(source, "<ae plan>", "exec"), namespace)  # noqa: S102 - our own source
+    return namespace["make"]
 
 
 def track_subject(trial: TrialState, subject: Subject) -> list[Rule]:

@@ -5,6 +5,8 @@
 * a cluster tracker answers ``False`` from ``set`` when the rule's result cannot have
   changed: then it must not have;
 * a tally caches its evidence keys: they must be the keys of its evidence, in order;
+* a trial's compiled AE plan inlines its rules' conditions: it must give each tracker
+  what `Rule.evidence_for` finds;
 * the trackers a trial builds event by event are the ones `rebuild` derives at the end.
 """
 
@@ -16,16 +18,20 @@ import datetime as dt
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from monitor.engine.events import RELATEDNESS, SERIOUS_CRITERIA
 from monitor.engine.kinds import (
     ClusterGroup,
     ClusterRule,
     CountRule,
     EvidenceItem,
+    Match,
     _order,
     _sort_key,
 )
 from monitor.engine.state import rebuild
+from monitor.engine.tracking import compile_plan
 from monitor.engine.trials import Trials
+from monitor.engine.window import IN_WINDOW, POST_WINDOW, PRE_TREATMENT, Placement
 from tests.builders import TRIAL, ae, event, infusion
 from tests.engine.test_properties import CATALOG, trial_log
 
@@ -65,6 +71,62 @@ changes = st.lists(st.tuples(
     st.sampled_from(SUBJECTS), st.sampled_from(("A1", "A2", "A3", "A4")),
     st.one_of(st.none(), st.tuples(st.integers(0, 90), st.sampled_from(GROUPS)))),
     max_size=60)
+
+
+PTS = ("Pyrexia", "Ascites", "pyrexia")
+SOCS = ("Infections and infestations", "Gastrointestinal disorders")
+matches = st.builds(
+    Match, grade_min=st.none() | st.integers(1, 5), serious=st.none() | st.booleans(),
+    related=st.none() | st.booleans(), fatal=st.none() | st.booleans(),
+    expected=st.none() | st.booleans(),
+    serious_criteria=st.lists(st.sampled_from(SERIOUS_CRITERIA), max_size=2).map(tuple),
+    meddra_pt=st.lists(st.sampled_from(PTS), max_size=2).map(tuple),
+    meddra_soc=st.lists(st.sampled_from(SOCS), max_size=1).map(tuple),
+    within_hours_of_infusion=st.none() | st.integers(1, 96), in_window=st.booleans())
+adverse_events = st.fixed_dictionaries({
+    "grade": st.integers(1, 5), "serious": st.booleans(),
+    "relatedness": st.sampled_from((None, *RELATEDNESS)),
+    "expected": st.sampled_from((None, True, False)),
+    "outcome": st.sampled_from((None, "fatal", "recovered")),
+    "serious_criteria": st.lists(st.sampled_from(SERIOUS_CRITERIA), max_size=2, unique=True),
+    "meddra_pt": st.sampled_from((None, "", *PTS)),
+    "meddra_soc": st.sampled_from((None, "", *SOCS)), "retracted": st.booleans()})
+placements = st.one_of(st.just(Placement(None, False, "awaiting_infusion", None)), st.builds(
+    lambda day, period: Placement(START + dt.timedelta(days=day), False, period, day),
+    st.integers(-5, 40), st.sampled_from((PRE_TREATMENT, IN_WINDOW, POST_WINDOW))))
+
+
+@FAST
+@given(st.lists(st.tuples(matches, st.booleans()), min_size=1, max_size=4),
+       st.lists(st.tuples(adverse_events, placements), min_size=1, max_size=4),
+       st.lists(st.integers(-3, 30), max_size=3))
+def test_the_compiled_plan_is_each_rules_evidence_for(rules, aes, infused) -> None:
+    """Rule by rule, AE by AE, and again with each AE changed (the plan clears what it
+    counted before), the plan's trackers hold what `evidence_for` says."""
+    rules = [ClusterRule(id=f"r{n}", kind="cluster", severity="review", match=match,
+                         subjects=2, within_days=30) if cluster else
+             CountRule(id=f"r{n}", kind="count", severity="review", match=match, threshold=1)
+             for n, (match, cluster) in enumerate(rules)]
+    trackers = {rule.id: rule.tracker() for rule in rules}
+    plan = compile_plan(rules, trackers)
+    days = sorted(START + dt.timedelta(days=n) for n in infused)
+    for first, (fields, placement) in [(True, pair) for pair in aes] + [
+            (False, (aes[(n + 1) % len(aes)][0], placement)) for n, (_f, placement) in
+            enumerate(aes)]:
+        message = event(ae("S1", "A1", "2021-01-01", recorded_at="2022-01-01T00:00:00+00:00",
+                           **fields))
+        counts = placement.onset is not None and not message.retracted
+        if first:  # a new AE each time: no rule counts it yet
+            trackers = {rule.id: rule.tracker() for rule in rules}
+            plan = compile_plan(rules, trackers)
+        if first and not counts:
+            continue  # as `track_ae`: such an AE never reaches the plan
+        changed = plan("S1", message, placement, days, counts, placement.period == IN_WINDOW,
+                       first)
+        for rule in rules:
+            expected = rule.evidence_for("S1", message, placement, days) if counts else None
+            assert trackers[rule.id].items == ({"S1": {"A1": expected}} if expected else {})
+            assert (rule in changed) <= (expected is not None or not first)
 
 
 def plain_cluster(items: dict[tuple[str, str], EvidenceItem], within_days: int) -> tuple:
