@@ -252,7 +252,9 @@ class TrialState:
     # derived, rebuilt by `rebuild`:
     counts: Counts = field(default_factory=Counts)
     window: WindowLength = WindowLength()
-    # what gives an AE to the rules (`tracking.compile_plan`); None: no rule looks at AEs
+    # what gives an AE to the rules (`tracking.compile_plan`); None: no rule looks at AEs.
+    # It holds this trial's trackers, as `halt_lookup` holds its halt states: a copy of
+    # the trial is rebuilt (`rebuild`) before it steps
     ae_plan: tracking.AePlan | None = None
     trackers: dict[str, object] = field(default_factory=dict)
     # per rule, the evidence keys of its last decision (None: unknown, see rebuild)
