@@ -131,18 +131,9 @@ class Match(BaseModel):
         return self._unplaced
 
     @property
-    def checks(self) -> tuple[Check, ...]:
-        """The conditions besides the window, compiled once, in `conditions` order."""
-        return self._checks
-
-    @property
-    def conditions(self) -> tuple[Condition, ...]:
-        """The conditions besides the window, as expressions (``grade_min`` first)."""
-        return self._conditions
-
-    @property
     def conditions_after_grade(self) -> tuple[Condition, ...]:
-        """`conditions` but ``grade_min``, for a caller that compares it itself."""
+        """The conditions besides the window and ``grade_min``, as expressions, for a
+        caller that compares the grade itself."""
         return self._conditions[1:] if self.grade_min is not None else self._conditions
 
     def matches(self, ae: AdverseEvent, placement: Placement,

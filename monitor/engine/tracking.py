@@ -75,15 +75,17 @@ def compile_plan(rules: Sequence[Rule], trackers: dict[str, object]) -> AePlan |
     rules whose tracker changed. None when no rule looks at AEs.
 
     It runs for every AE and every rule, so each rule's conditions (`kinds.Condition`)
-    are inlined into its source, which reads::
+    are inlined into its source, which reads (``_bN``: the values bound to it; here the
+    rule's ``RELATED``, ``item``, its tracker's ``set``, the rule, the tracker's ``items``)::
 
         # related-sae
-        if counts and in_window and (ae.serious is True) and (...):
-            if _b1(subject_id, ae_id, _b0(subject_id, ae, p)):  # tracker.set(rule.item)
-                dirty.append(_b2)
-        elif not first and ae_id in _b3.get(subject_id, ()):  # counted before: not now
-            if _b1(subject_id, ae_id, None):
-                dirty.append(_b2)
+        if counts and in_window and (ae.serious is True) and ((ae.relatedness is None or
+                                                               ae.relatedness in _b5)):
+            if _b7(subject_id, ae_id, _b6(subject_id, ae, p)):
+                dirty.append(_b8)
+        elif not first and ae_id in _b9.get(subject_id, ()):  # counted before: not now
+            if _b7(subject_id, ae_id, None):
+                dirty.append(_b8)
 
     The rules go by lowest ``grade_min``, so a new AE stops at the first rule above its
     grade (`evaluate` puts the rules that changed back in rules-file order). The source
@@ -106,8 +108,8 @@ def compile_plan(rules: Sequence[Rule], trackers: dict[str, object]) -> AePlan |
         tests = ["counts", *([f"grade >= {grade_min}"] if grade_min > 1 else []),
                  *(["in_window"] if rule.match.in_window else []),
                  *(f"({c.expression([bind(v) for v in c.values])})" for c in conditions)]
-        item, tally, changed = bind(rule.item), bind(tracker.set), bind(rule)
-        mine = bind(tracker.items)
+        item, tally, changed, mine = (bind(rule.item), bind(tracker.set), bind(rule),
+                                      bind(tracker.items))
         if grade_min > lowest:
             lines += [f"    if first and grade < {grade_min}:", "        return dirty"]
             lowest = grade_min
